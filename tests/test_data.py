@@ -94,10 +94,13 @@ def test_mnist_shapes_dtypes_ranges(mnist):
     assert isinstance(mnist.preprocessing, Preprocessing)
     assert mnist.preprocessing.scale.dtype == np.float32 and mnist.preprocessing.shift.dtype == np.float32
     assert mnist.preprocessing.scale.shape == (28, 28)
-    np.testing.assert_allclose(mnist.preprocessing.scale, 1 / 255)
-    assert not mnist.preprocessing.shift.any()
+    np.testing.assert_allclose(mnist.preprocessing.scale, 1 / (255 * 0.3081), rtol=1e-6)
+    np.testing.assert_allclose(mnist.preprocessing.shift, -0.1307 / 0.3081, rtol=1e-6)
+    z = mnist.preprocessing.apply(mnist.x_train[:2000])
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05
     normed = mnist.preprocessing.apply(mnist.x_test)
-    assert normed.dtype == np.float32 and normed.min() == 0.0 and normed.max() == pytest.approx(1.0)
+    assert normed.dtype == np.float32
+    assert normed.min() == pytest.approx(-0.1307 / 0.3081) and normed.max() == pytest.approx((1 - 0.1307) / 0.3081)
 
 
 def test_mnist_matches_files_and_holdout_partitions_training_set(mnist):
@@ -152,7 +155,8 @@ def test_fashion_mnist():
     assert d.class_names[0] == "T-shirt/top" and d.class_names[9] == "Ankle boot" and d.num_classes == 10
     np.testing.assert_array_equal(d.x_test, raw_images("fashion-mnist", "t10k"))
     assert not np.array_equal(d.x_test, raw_images("mnist", "t10k"))
-    np.testing.assert_allclose(d.preprocessing.scale, 1 / 255)
+    np.testing.assert_allclose(d.preprocessing.scale, 1 / (255 * 0.3530), rtol=1e-6)
+    np.testing.assert_allclose(d.preprocessing.shift, -0.2860 / 0.3530, rtol=1e-6)
 
 
 def test_files_directly_in_data_dir_and_env_var(monkeypatch, tmp_path):

@@ -1,0 +1,198 @@
+"""`clnp-train`: add tasks to a model repository, evaluate them, show capacity.
+
+Exit codes: 0 success; 2 bad input or usage (nothing in the repository changed);
+1 failure (an earlier task changed, the export disagreed with torch, or an unexpected error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import fields
+
+import click
+
+from trainer.clnp import CLNPConfig
+
+EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+
+_DEFAULTS = CLNPConfig()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from serving.repository import RepositoryError
+    from trainer.clnp import CapacityExhaustedError
+    from trainer.data import DataError
+    from trainer.network import NetworkSpecError
+    from trainer.pipeline import InputMismatchError
+
+    return (RepositoryError, DataError, NetworkSpecError, InputMismatchError, CapacityExhaustedError, KeyError)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(fn):
+    """Run fn(), turning our errors into a one-line message and the documented exit code."""
+    from trainer.pipeline import VerificationError
+    from trainer.export import ExportError
+
+    try:
+        return fn()
+    except _user_errors() as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        _fail(str(msg), EXIT_USER_ERROR)
+    except (VerificationError, ExportError) as e:
+        _fail(f"{e} (nothing was published)", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was published", 130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+def main(verbose: bool) -> None:
+    """Continual Learning via Neural Pruning: teach one shared network task after task.
+
+    Each task is learned into the units earlier tasks left free, pruned to what it needs, and frozen:
+    earlier tasks keep bit-identical outputs. Each call publishes a new version to a model repository.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command("add-task")
+@click.option("--repository", "-r", required=True, type=click.Path(file_okay=False),
+              help="Model repository directory (created with the first task).")
+@click.option("--task", "-t", required=True, help="Task name: letters, digits, '_' or '-', at most 64, unique.")
+@click.option("--data", "-d", "source", required=True,
+              help="Data source: mnist, fashion-mnist, permuted-mnist:SEED, split-mnist:A,B,..., "
+                   "split-fashion-mnist:A,B,..., FILE.npz (x, y[, x_val, y_val, x_test, y_test]) or FILE.csv.")
+@click.option("--network", "-n", default=None,
+              help="Network spec for the first task, e.g. mlp:784-2000-2000 (default) or cnn:1x28x28-c32-c64-d256. "
+                   "Later tasks use the repository's network; if given again it must match.")
+@click.option("--epochs", type=click.IntRange(min=1), default=_DEFAULTS.epochs, show_default=True,
+              help="Training epochs on the new task.")
+@click.option("--max-drop", type=click.FloatRange(min=0, max=100), default=_DEFAULTS.max_drop, show_default=True,
+              help="Graceful forgetting: validation accuracy points pruning may cost the new task.")
+@click.option("--alpha", type=click.FloatRange(min=0), default=_DEFAULTS.alpha, show_default=True,
+              help="L1 penalty on free units' mean activation per layer (higher: fewer units per task).")
+@click.option("--learning-rate", "--lr", type=click.FloatRange(min=0, min_open=True),
+              default=_DEFAULTS.learning_rate, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True,
+              help="Samples per training step.")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=_DEFAULTS.finetune_epochs, show_default=True,
+              help="Epochs of fine-tuning the task's units after pruning.")
+@click.option("--reuse-max-drop", type=click.FloatRange(min=0, max=100), default=_DEFAULTS.reuse_max_drop,
+              show_default=True, help="Accuracy points the connection pruning behind the reuse measure may cost.")
+@click.option("--no-connection-pruning", is_flag=True,
+              help="Skip pruning the task's connections from earlier units (then 'reused' counts every "
+                   "earlier unit connected at all).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Train on the first N training samples only (quick runs).")
+@click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,
+              help="Seed for initialisation, data order and the validation split.")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="CLNP_DATA_DIR", default=None,
+              help="Folder with mnist/ and fashion-mnist/ idx files [env CLNP_DATA_DIR]; "
+                   "without it they are downloaded into a checked cache.")
+@click.option("--label-column", default=None, help="Label column of a CSV source.")
+@click.option("--retention", type=click.IntRange(min=1), default=None,
+              help="Keep at most this many versions (the newest is always kept). Default: keep all.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+def add_task_cmd(repository, task, source, network, epochs, max_drop, alpha, learning_rate, batch_size,
+                 finetune_epochs, reuse_max_drop, no_connection_pruning, limit, seed, data_dir, label_column, retention, device,
+                 as_json, progress):
+    """Learn a new task into the free units of the latest version and publish the next version.
+
+    The first call creates the repository and the network. Every earlier task is checked to be
+    bit-identical before the new version (safetensors + ONNX) is published atomically.
+    """
+    from trainer.pipeline import add_task
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device cuda: no CUDA device is available to this torch build; use --device cpu", EXIT_USER_ERROR)
+    config = CLNPConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, alpha=alpha,
+                        max_drop=max_drop, finetune_epochs=finetune_epochs,
+                        prune_connections=not no_connection_pruning, reuse_max_drop=reuse_max_drop, seed=seed)
+    show = sys.stderr.isatty() if progress is None else progress
+    result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,
+                                   data_dir=data_dir, label_column=label_column, retention=retention,
+                                   show_progress=show, device=device))
+    m, o = result.manifest, result.outcome
+    record = m.tasks[-1]
+    if as_json:
+        click.echo(json.dumps({
+            "version": m.version, "task": record.name, "index": record.index,
+            "validation_accuracy": record.validation_accuracy, "test_accuracy": record.test_accuracy,
+            "dense_validation_accuracy": o.dense_validation_accuracy, "units_kept": o.units_kept,
+            "free_units": {l.name: l.free for l in m.layers}, "reused": o.reused,
+            "epoch_seconds": o.epoch_seconds, "seconds": result.seconds,
+            "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
+        }, indent=2))
+        return
+    test = "n/a" if record.test_accuracy is None else f"{record.test_accuracy:.2f}%"
+    click.echo(f"published version {m.version} to {repository}: task {record.name!r} (index {record.index}, "
+               f"{len(record.classes)} classes, from {record.source})")
+    click.echo(f"  accuracy: test {test}, validation {record.validation_accuracy:.2f}% "
+               f"(before pruning {o.dense_validation_accuracy:.2f}%, max drop {max_drop} points)")
+    for l in m.layers:
+        click.echo(f"  {l.name}: kept {o.units_kept[l.name]:>5} units, reuses {o.reused[l.name]:>5} earlier, "
+                   f"{l.free:>5} of {l.units} free")
+    per_epoch = ", ".join(f"{s:.1f}s" for s in o.epoch_seconds)
+    click.echo(f"  time: {result.seconds['total']:.1f}s total, epochs {per_epoch}; export {result.seconds['export']:.1f}s")
+    click.echo(f"  checks: {result.earlier_tasks_checked} earlier task(s) bit-identical; "
+               f"ONNX matches torch to {result.parity_max_difference:.1e}")
+
+
+@main.command("evaluate")
+@click.option("--repository", "-r", required=True, type=click.Path(file_okay=False), help="Model repository.")
+@click.option("--task", "-t", default=None, help="Only this task (default: all).")
+@click.option("--version", type=click.IntRange(min=1), default=None, help="Version (default: the latest).")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="CLNP_DATA_DIR", default=None,
+              help="Folder with mnist/ and fashion-mnist/ [env CLNP_DATA_DIR].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate_cmd(repository, task, version, data_dir, as_json):
+    """Test accuracy of each task on its data source's test split."""
+    from trainer.pipeline import evaluate
+
+    rows = _run(lambda: evaluate(repository, task, data_dir=data_dir, version=version))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'task':<20} {'split':<10} {'samples':>8} {'accuracy':>9}")
+    for r in rows:
+        click.echo(f"{r['task']:<20} {r['split']:<10} {r['samples']:>8} {r['accuracy']:>8.2f}%")
+    if rows:
+        click.echo(f"{'average':<20} {'':<10} {'':>8} {sum(r['accuracy'] for r in rows) / len(rows):>8.2f}%")
+
+
+@main.command("capacity")
+@click.option("--repository", "-r", required=True, type=click.Path(file_okay=False), help="Model repository.")
+@click.option("--version", type=click.IntRange(min=1), default=None, help="Version (default: the latest).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def capacity_cmd(repository, version, as_json):
+    """Units per layer: total, FREE, owned by each task; per task: units owned and earlier units reused."""
+    from serving.capacity import capacity_report, format_capacity
+    from serving.repository import ModelRepository
+
+    report = _run(lambda: capacity_report(ModelRepository.open(repository).read_manifest(version)))
+    if as_json:
+        d = report.to_dict()
+        if d["estimated_additional_tasks"] == float("inf"):
+            d["estimated_additional_tasks"] = None
+        click.echo(json.dumps(d, indent=2))
+    else:
+        click.echo(format_capacity(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Export the shared network, with every task's masks, heads and preprocessing, to one ONNX graph."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from trainer.clnp import task_masks
+from trainer.network import ExportGraph, MaskedNetwork
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+INPUT_NAME = "input"
+TASK_INPUT_NAME = "task"
+OUTPUT_NAME = "scores"
+PARITY_TOLERANCE = 1e-5
+
+
+class ExportError(Exception):
+    """The exported graph is invalid or disagrees with the torch network."""
+
+
+def export_onnx(net: MaskedNetwork, owners: list[torch.Tensor]) -> tuple[bytes, int]:
+    """Export `net` with all its tasks; returns (serialized ONNX model, max_classes).
+
+    Inputs: `input` float32 (batch, *input_shape) raw features, `task` int64 (batch,).
+    Output: `scores` float32 (batch, max_classes). Raises ExportError if onnx.checker rejects it.
+    """
+    import onnx
+
+    graph = ExportGraph(net, [task_masks(owners, t) for t in range(net.num_tasks)]).eval()
+    batch = torch.export.Dim("batch", min=1)
+    example = (torch.zeros(2, *net.spec.input_shape), torch.zeros(2, dtype=torch.int64))
+    # The exporter prints progress and registry warnings we do not need in a CLI.
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            graph, example, dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME, TASK_INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes={"x": {0: batch}, "task": {0: batch}}, verbose=False,
+            optimize=True,
+        )
+    model = program.model_proto
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
+    return model.SerializeToString(), graph.max_classes
+
+
+def check_parity(onnx_bytes: bytes, net: MaskedNetwork, owners: list[torch.Tensor],
+                 probes: dict[int, torch.Tensor], tolerance: float = PARITY_TOLERANCE) -> float:
+    """Run every task's probe inputs through ONNX Runtime and torch; return the largest difference.
+
+    Raises ExportError if any task differs by more than `tolerance`.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for t, x in probes.items():
+            classes = net.head_weights[t].shape[0]
+            expected = net(x, t, task_masks(owners, t)).numpy()
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32),
+                                              TASK_INPUT_NAME: np.full(len(x), t, dtype=np.int64)})[0][:, :classes]
+            diff = float(np.abs(got - expected).max())
+            worst = max(worst, diff)
+            if diff > tolerance:
+                raise ExportError(f"ONNX Runtime and torch disagree on task {t}: max difference {diff:.3g} > {tolerance}")
+    return worst
