@@ -48,13 +48,11 @@ def _run(fn):
         _fail(str(msg), EXIT_USER_ERROR)
     except (VerificationError, ExportError) as e:
         _fail(f"{e} (nothing was published)", EXIT_FAILURE)
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was published", 130)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
-def main(verbose: bool) -> None:
+def cli(verbose: bool) -> None:
     """Continual Learning via Neural Pruning: teach one shared network task after task.
 
     Each task is learned into the units earlier tasks left free, pruned to what it needs, and frozen:
@@ -64,7 +62,7 @@ def main(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@main.command("add-task")
+@cli.command("add-task")
 @click.option("--repository", "-r", required=True, type=click.Path(file_okay=False),
               help="Model repository directory (created with the first task).")
 @click.option("--task", "-t", required=True, help="Task name: letters, digits, '_' or '-', at most 64, unique.")
@@ -153,7 +151,7 @@ def add_task_cmd(repository, task, source, network, epochs, max_drop, alpha, lea
                f"ONNX matches torch to {result.parity_max_difference:.1e}")
 
 
-@main.command("evaluate")
+@cli.command("evaluate")
 @click.option("--repository", "-r", required=True, type=click.Path(file_okay=False), help="Model repository.")
 @click.option("--task", "-t", default=None, help="Only this task (default: all).")
 @click.option("--version", type=click.IntRange(min=1), default=None, help="Version (default: the latest).")
@@ -175,7 +173,7 @@ def evaluate_cmd(repository, task, version, data_dir, as_json):
         click.echo(f"{'average':<20} {'':<10} {'':>8} {sum(r['accuracy'] for r in rows) / len(rows):>8.2f}%")
 
 
-@main.command("capacity")
+@cli.command("capacity")
 @click.option("--repository", "-r", required=True, type=click.Path(file_okay=False), help="Model repository.")
 @click.option("--version", type=click.IntRange(min=1), default=None, help="Version (default: the latest).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -192,6 +190,20 @@ def capacity_cmd(repository, version, as_json):
         click.echo(json.dumps(d, indent=2))
     else:
         click.echo(format_capacity(report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the CLI; Ctrl-C exits 130 having published nothing."""
+    try:
+        cli.main(args=argv, prog_name="clnp-train", standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("error: interrupted; nothing was published", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

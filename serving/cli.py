@@ -1,0 +1,316 @@
+"""Command-line entry points: `clnp-serve` runs the server, `clnp-admin` talks to its admin API.
+
+Exit codes: 0 success; 1 the server could not be reached or refused the call (the message names
+the gRPC status code), or the server could not start; 2 bad usage (click's own) or a path that
+is not a model repository.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+# ---- clnp-serve ------------------------------------------------------------------------------
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--repository", "-r", required=True, envvar="CLNP_REPOSITORY",
+              type=click.Path(file_okay=False, path_type=Path), help="Model repository to serve.")
+@click.option("--host", default="0.0.0.0", help="Address to bind.")
+@click.option("--port", default=50051, type=click.IntRange(0, 65535), help="gRPC port; 0 picks a free one.")
+@click.option("--threads", default=16, type=click.IntRange(1), help="gRPC worker threads.")
+@click.option("--intra-op-threads", default=1, type=click.IntRange(1), help="ONNX Runtime threads per call.")
+@click.option("--keep-versions", default=1, type=click.IntRange(1),
+              help="Loaded versions kept (newest first); requests may pick one with model_version.")
+@click.option("--max-batch-size", default=256, type=click.IntRange(1), help="Most rows per request (and per batched call).")
+@click.option("--batching/--no-batching", default=True, help="Run concurrent requests as one ONNX Runtime call.")
+@click.option("--batch-timeout-us", default=500, type=click.IntRange(0),
+              help="Under load, how long a batch waits to fill (never when the queue is empty).")
+@click.option("--poll-interval", default=2.0, type=click.FloatRange(0), help="Seconds between repository checks; 0: off.")
+@click.option("--metrics-port", default=0, type=click.IntRange(0, 65535), help="Prometheus /metrics port; 0: off.")
+@click.option("--metrics-host", default=None, help="Address of the metrics endpoint [default: --host].")
+@click.option("--token", envvar="CLNP_TOKEN", default=None,
+              help="Require 'authorization: Bearer TOKEN' on admin calls (prefer env CLNP_TOKEN: arguments show in ps).")
+@click.option("--require-token-for-inference", is_flag=True, help="Require the token on inference calls too.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="PEM certificate chain.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="PEM private key.")
+@click.option("--max-message-bytes", default=64 * 1024 * 1024, type=click.IntRange(1024),
+              help="Largest gRPC message, both directions.")
+@click.option("--shutdown-grace", default=10.0, type=click.FloatRange(0),
+              help="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve_main(repository, host, port, threads, intra_op_threads, keep_versions, max_batch_size, batching,
+               batch_timeout_us, poll_interval, metrics_port, metrics_host, token, require_token_for_inference,
+               tls_cert, tls_key, max_message_bytes, shutdown_grace, log_level):
+    """Serve every task of a CLNP model repository over the Open Inference Protocol (gRPC).
+
+    Prints `clnp-serve listening on HOST:PORT` once it accepts calls. SIGTERM or SIGINT drains:
+    health turns NOT_SERVING, new calls are refused, in-flight calls finish, exit 0.
+    """
+    from serving.repository import RepositoryError
+    from serving.runtime import RuntimeConfig
+    from serving.server import ClnpServer, ServerConfig
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if require_token_for_inference and not token:
+        raise click.UsageError("--require-token-for-inference needs --token (or CLNP_TOKEN)")
+    config = ServerConfig(
+        repository=repository,
+        host=host,
+        port=port,
+        threads=threads,
+        runtime=RuntimeConfig(
+            intra_op_threads=intra_op_threads,
+            keep_versions=keep_versions,
+            max_batch_size=max_batch_size,
+            batching=batching,
+            batch_timeout_us=batch_timeout_us,
+        ),
+        poll_interval=poll_interval,
+        metrics_port=metrics_port or None,
+        metrics_host=metrics_host,
+        token=token or None,
+        require_token_for_inference=require_token_for_inference,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_message_bytes=max_message_bytes,
+        shutdown_grace=shutdown_grace,
+    )
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        logger.info("received %s; draining", signal.Signals(signum).name)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = ClnpServer(config)
+    try:
+        server.start()
+    except RepositoryError as e:
+        click.echo(f"clnp-serve: error: {e}", err=True)
+        server.stop(0)
+        sys.exit(2)
+    except (OSError, RuntimeError) as e:
+        click.echo(f"clnp-serve: error: {e}", err=True)
+        server.stop(0)
+        sys.exit(1)
+    click.echo(f"clnp-serve listening on {server.address}")
+    if server.metrics_port is not None:
+        click.echo(f"clnp-serve metrics on {metrics_host or host}:{server.metrics_port}")
+    sys.stdout.flush()
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    sys.exit(0)
+
+
+# ---- clnp-admin ------------------------------------------------------------------------------
+
+
+class _AdminError(click.ClickException):
+    """A one-line `clnp-admin: error: ...` on stderr and exit code 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"clnp-admin: error: {self.format_message()}", err=True)
+
+
+class _AdminClient:
+    """A channel and stub to the admin service, turning gRPC failures into a one-line exit 1."""
+
+    def __init__(self, target: str, token: str | None, tls_ca: Path | None, tls_server_name: str | None,
+                 timeout: float) -> None:
+        import grpc
+
+        from serving._generated.clnp.admin.v1 import admin_pb2_grpc
+
+        self.target = target
+        self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    def call(self, rpc: str, request):
+        import grpc
+
+        try:
+            return getattr(self.stub, rpc)(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            code = e.code()
+            details = " ".join((e.details() or "").split())
+            if code == grpc.StatusCode.UNAVAILABLE:
+                what = f"cannot reach {self.target}"
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                what = f"{self.target} did not answer within {self.timeout:g} s"
+            else:
+                what = f"{self.target} refused {rpc}"
+            raise _AdminError(f"{what} ({code.name}): {details}") from None
+        finally:
+            self.channel.close()
+
+
+def _client_options(f):
+    options = [
+        click.option("--target", "-t", default=DEFAULT_TARGET, envvar="CLNP_TARGET", show_default=True,
+                     help="Server address HOST:PORT (env CLNP_TARGET)."),
+        click.option("--token", envvar="CLNP_TOKEN", default=None, help="Bearer token (env CLNP_TOKEN)."),
+        click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                     help="PEM CA certificate: connect with TLS and trust this CA."),
+        click.option("--tls-server-name", default=None, help="Name to check the server certificate against."),
+        click.option("--timeout", default=10.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
+                     help="Seconds to wait for the answer."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
+
+
+def _number(value: float):
+    """A float for JSON: NaN (unknown) -> None, infinity -> "unbounded"."""
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        return "unbounded"
+    return value
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, ["-" * w for w in widths], *rows]]
+    return "\n".join(lines)
+
+
+class _AdminGroup(click.Group):
+    def main(self, *args, **kwargs):
+        kwargs.setdefault("prog_name", "clnp-admin")
+        return super().main(*args, **kwargs)
+
+
+@click.group(cls=_AdminGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def admin_main():
+    """Inspect and control a running clnp-serve: capacity, tasks, reload, status.
+
+    Exit 1 (with the gRPC status code) when the server cannot be reached or refuses the call.
+    """
+
+
+@admin_main.command()
+@_client_options
+@click.option("--model-version", default="", help="Version to inspect [default: the newest loaded].")
+def capacity(target, token, tls_ca, tls_server_name, timeout, as_json, model_version):
+    """Units per layer (total, FREE, owned by each task), per task owned/reused, and how many more tasks fit."""
+    from serving._generated.clnp.admin.v1 import admin_pb2
+    from serving.admin import capacity_from_proto
+    from serving.capacity import format_capacity
+
+    client = _AdminClient(target, token, tls_ca, tls_server_name, timeout)
+    report = capacity_from_proto(client.call("Capacity", admin_pb2.CapacityRequest(version=model_version)))
+    if as_json:
+        data = report.to_dict()
+        est = report.estimated_additional_tasks
+        data["estimated_additional_tasks"] = None if est is None else _number(est)
+        _echo_json(data)
+    else:
+        click.echo(format_capacity(report))
+
+
+@admin_main.command()
+@_client_options
+def tasks(target, token, tls_ca, tls_server_name, timeout, as_json):
+    """The tasks served, with their classes, versions and accuracies."""
+    from serving._generated.clnp.admin.v1 import admin_pb2
+
+    client = _AdminClient(target, token, tls_ca, tls_server_name, timeout)
+    response = client.call("ListTasks", admin_pb2.ListTasksRequest())
+    items = [
+        {
+            "name": t.name,
+            "index": t.index,
+            "classes": list(t.classes),
+            "input_shape": list(t.input_shape),
+            "since_version": t.since_version,
+            "versions": list(t.versions),
+            "validation_accuracy": _number(t.validation_accuracy),
+            "test_accuracy": _number(t.test_accuracy),
+        }
+        for t in response.tasks
+    ]
+    if as_json:
+        _echo_json({"loaded_version": response.loaded_version, "available_versions": list(response.available_versions),
+                    "tasks": items})
+        return
+    click.echo(f"serving version {response.loaded_version} "
+               f"(loaded: {', '.join(map(str, response.available_versions)) or 'none'})")
+    rows = []
+    for t in items:
+        classes = ", ".join(t["classes"])
+        if len(classes) > 40:
+            classes = classes[:37] + "..."
+        acc = lambda v: "-" if v is None else f"{v:.2f}"
+        rows.append([t["name"], str(t["index"]), f"{len(t['classes'])}: {classes}", str(t["since_version"]),
+                     ",".join(map(str, t["versions"])), acc(t["validation_accuracy"]), acc(t["test_accuracy"])])
+    click.echo(_table(["task", "index", "classes", "since", "versions", "val acc %", "test acc %"], rows))
+
+
+@admin_main.command()
+@_client_options
+def reload(target, token, tls_ca, tls_server_name, timeout, as_json):
+    """Load a newer published version now (exit 1 if one exists but fails to load)."""
+    from serving._generated.clnp.admin.v1 import admin_pb2
+
+    client = _AdminClient(target, token, tls_ca, tls_server_name, timeout)
+    response = client.call("Reload", admin_pb2.ReloadRequest())
+    if as_json:
+        _echo_json({"loaded_version": response.loaded_version, "changed": response.changed, "message": response.message})
+    else:
+        click.echo(response.message)
+
+
+@admin_main.command()
+@_client_options
+def status(target, token, tls_ca, tls_server_name, timeout, as_json):
+    """Loader state: version served, reload counters and the last reload error."""
+    from serving._generated.clnp.admin.v1 import admin_pb2
+
+    client = _AdminClient(target, token, tls_ca, tls_server_name, timeout)
+    r = client.call("Status", admin_pb2.StatusRequest())
+    data = {
+        "loaded_version": r.loaded_version,
+        "reloads": r.reloads,
+        "failed_reloads": r.failed_reloads,
+        "last_reload_time": r.last_reload_time,
+        "last_reload_error": r.last_reload_error,
+        "last_reload_error_version": r.last_reload_error_version,
+    }
+    if as_json:
+        _echo_json(data)
+        return
+    width = max(map(len, data))
+    for key, value in data.items():
+        click.echo(f"{key.ljust(width)}  {value if value not in ('', 0) or key == 'loaded_version' else '-'}")

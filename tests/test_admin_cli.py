@@ -1,0 +1,149 @@
+"""clnp-admin against a live server (in-process, port 0), and clnp-serve's own command-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from serving.capacity import capacity_report, format_capacity
+from serving.cli import admin_main
+from serving.repository import ModelRepository
+from serving.server import ClnpServer, ServerConfig
+from serving_helpers import ROOT, copy_repository, publish_copy, self_signed_certificate, subprocess_env, template_repository
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return template_repository(tmp_path_factory)
+
+
+@pytest.fixture()
+def live(template, tmp_path):
+    """A server on versions 1..2 of the template (no watcher: reloads are explicit)."""
+    repo = copy_repository(template, tmp_path / "repo", (1, 2))
+    with ClnpServer(ServerConfig(repository=repo, host="127.0.0.1", port=0, poll_interval=0)) as server:
+        yield server, repo
+
+
+def admin(*args: str, env: dict | None = None):
+    result = CliRunner().invoke(admin_main, list(args), env=env, catch_exceptions=False)
+    return result
+
+
+def test_capacity_text_is_format_capacity_of_the_served_version(live):
+    server, repo = live
+    result = admin("capacity", "--target", server.address)
+    assert result.exit_code == 0, result.output
+    manifest = ModelRepository.open(repo).read_manifest(2)
+    assert result.stdout.rstrip("\n") == format_capacity(capacity_report(manifest))
+    assert "FREE" in result.stdout and "digits" in result.stdout and "fashion" in result.stdout
+    assert "more tasks like the last that fit" in result.stdout
+
+
+def test_capacity_json(live):
+    server, repo = live
+    result = admin("capacity", "--target", server.address, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    report = capacity_report(ModelRepository.open(repo).read_manifest(2)).to_dict()
+    est = report.pop("estimated_additional_tasks")
+    report = json.loads(json.dumps(report))  # tuples -> lists
+    got = data.pop("estimated_additional_tasks")
+    assert data == report
+    assert got == ("unbounded" if math.isinf(est) else est)
+    old = json.loads(admin("capacity", "--target", server.address, "--json", "--model-version", "2").stdout)
+    assert old["version"] == 2
+    missing = admin("capacity", "--target", server.address, "--model-version", "1")
+    assert missing.exit_code == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_tasks_status_and_reload(live, template):
+    server, repo = live
+    result = admin("tasks", "--target", server.address)
+    assert result.exit_code == 0, result.output
+    assert "serving version 2" in result.stdout and "digits" in result.stdout and "fashion" in result.stdout
+    data = json.loads(admin("tasks", "--target", server.address, "--json").stdout)
+    assert data["loaded_version"] == 2 and data["available_versions"] == [2]
+    assert [(t["name"], t["index"], t["since_version"], t["versions"]) for t in data["tasks"]] == [
+        ("digits", 0, 1, [2]), ("fashion", 1, 2, [2])]
+    assert data["tasks"][0]["classes"] == [str(d) for d in range(10)] and data["tasks"][0]["input_shape"] == [784]
+
+    result = admin("reload", "--target", server.address)
+    assert result.exit_code == 0 and "nothing to load" in result.stdout
+    publish_copy(template, repo, 3)
+    data = json.loads(admin("reload", "--target", server.address, "--json").stdout)
+    assert data == {"loaded_version": 3, "changed": True, "message": "loaded version 3"}
+
+    result = admin("status", "--target", server.address)
+    assert result.exit_code == 0 and "loaded_version" in result.stdout
+    status = json.loads(admin("status", "--target", server.address, "--json").stdout)
+    assert status["loaded_version"] == 3 and status["reloads"] == 2 and status["failed_reloads"] == 0
+    assert status["last_reload_error"] == "" and status["last_reload_time"].endswith("Z")
+
+
+def test_failed_reload_exits_1_and_shows_in_status(live, template):
+    server, repo = live
+    publish_copy(template, repo, 3, corrupt="onnx")
+    result = admin("reload", "--target", server.address)
+    assert result.exit_code == 1
+    assert "FAILED_PRECONDITION" in result.stderr and "still serving version 2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    status = json.loads(admin("status", "--target", server.address, "--json").stdout)
+    assert status["loaded_version"] == 2 and status["last_reload_error_version"] == 3
+    assert "checksum" in status["last_reload_error"]
+
+
+def test_unreachable_server_is_one_line_and_exit_1():
+    for command in ("capacity", "tasks", "reload", "status"):
+        result = admin(command, "--target", "127.0.0.1:1", "--timeout", "5")
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("clnp-admin: error: cannot reach 127.0.0.1:1 (UNAVAILABLE)")
+        assert result.stdout == ""
+
+
+def test_usage_error_exits_2():
+    assert admin("capacity", "--timeout", "soon").exit_code == 2
+    assert admin("no-such-command").exit_code == 2
+
+
+def test_token_and_tls(template, tmp_path):
+    repo = copy_repository(template, tmp_path / "repo", (3,))
+    cert, key = self_signed_certificate(tmp_path)
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, poll_interval=0, token="s3cret",
+                          tls_cert=cert, tls_key=key)
+    with ClnpServer(config) as server:
+        target = f"localhost:{server.port}"
+        refused = admin("status", "--target", target, "--tls-ca", str(cert))
+        assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.stderr
+        ok = admin("status", "--target", target, "--tls-ca", str(cert), "--token", "s3cret", "--json")
+        assert ok.exit_code == 0, ok.output
+        assert json.loads(ok.stdout)["loaded_version"] == 3
+        from_env = admin("tasks", "--target", target, "--tls-ca", str(cert), env={"CLNP_TOKEN": "s3cret"})
+        assert from_env.exit_code == 0 and "pairs" in from_env.stdout
+        plaintext = admin("status", "--target", target, "--token", "s3cret", "--timeout", "5")
+        assert plaintext.exit_code == 1 and "UNAVAILABLE" in plaintext.stderr
+
+
+def _console(name: str, *args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which(name)
+    entry = {"clnp-admin": "admin_main", "clnp-serve": "serve_main"}[name]
+    cmd = [exe] if exe else [sys.executable, "-c", f"from serving.cli import {entry}; {entry}()"]
+    return subprocess.run([*cmd, *args], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_console_scripts(live, tmp_path):
+    server, _ = live
+    proc = _console("clnp-admin", "tasks", "--target", server.address, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["loaded_version"] == 2
+    proc = _console("clnp-serve", "--repository", str(tmp_path / "nothing-here"), "--port", "0")
+    assert proc.returncode == 2
+    assert "clnp-serve: error:" in proc.stderr and "does not exist" in proc.stderr

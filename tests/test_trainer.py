@@ -1,0 +1,337 @@
+"""The CLNP trainer end to end: zero forgetting, ONNX parity, atomic publish, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from serving.repository import ModelRepository, RepositoryError, CorruptVersionError
+from trainer.cli import cli
+from trainer.clnp import CLNPConfig, task_masks
+from trainer.data import load_source
+from trainer.pipeline import add_task, fit_to_network, load_network
+
+from conftest import REPO_ROOT, tree_snapshot
+
+QUICK = CLNPConfig(epochs=2, finetune_epochs=1, batch_size=64)  # 1500 samples: enough steps to learn
+NETWORKS = {"mlp": "mlp:784-96-96", "cnn": "cnn:1x28x28-c24-c32-d64"}
+SOURCES = ["split-mnist:0,1,2,3,4", "permuted-mnist:7", "fashion-mnist"]
+
+
+@pytest.fixture(scope="module", params=sorted(NETWORKS))
+def three_task_repo(request, tmp_path_factory, data_dir):
+    """A repository per network family holding 3 tasks learned one after another (versions 1..3)."""
+    root = tmp_path_factory.mktemp(f"repo-{request.param}") / "repo"
+    for i, src in enumerate(SOURCES):
+        add_task(root, f"task{i}", src, network=NETWORKS[request.param], config=QUICK, limit=1500,
+                 data_dir=str(data_dir))
+    return root
+
+
+@pytest.fixture(scope="module")
+def probe(data_dir) -> np.ndarray:
+    """Real inputs: MNIST and Fashion-MNIST test images, raw 0..255 float32, (200, 28, 28)."""
+    a = load_source("mnist", data_dir=str(data_dir), limit=100).x_test[:100]
+    b = load_source("fashion-mnist", data_dir=str(data_dir), limit=100).x_test[:100]
+    return np.concatenate([a, b])
+
+
+def _logits(repo: ModelRepository, version: int, task: int, x: np.ndarray) -> torch.Tensor:
+    manifest = repo.read_manifest(version)
+    net, owners = load_network(repo, manifest)
+    with torch.no_grad():
+        return net(fit_to_network(x, net.spec, "probe"), task, task_masks(owners, task))
+
+
+def test_zero_forgetting_is_bit_exact(three_task_repo, probe):
+    repo = ModelRepository.open(three_task_repo)
+    assert repo.versions() == [1, 2, 3]
+    for task in range(3):
+        first = _logits(repo, task + 1, task, probe)  # the version that learned the task
+        for later in range(task + 2, 4):
+            assert torch.equal(first, _logits(repo, later, task, probe)), f"task {task} changed in version {later}"
+    # ...and the tasks really learned something (well above chance on their own data)
+    manifest = repo.read_manifest()
+    for t in manifest.tasks:
+        assert t.validation_accuracy > 60, (t.name, t.validation_accuracy)
+
+
+def test_units_are_owned_and_masks_nested(three_task_repo):
+    manifest = ModelRepository.open(three_task_repo).read_manifest()
+    for layer in manifest.layers:
+        owners = set(layer.owner)
+        assert owners <= {-1, 0, 1, 2}
+        assert layer.free + sum(layer.owned_by(t) for t in range(3)) == layer.units
+        for t in range(2):  # task t's mask is contained in task t+1's
+            assert np.all(layer.mask(t) <= layer.mask(t + 1))
+    # earlier tasks' units never change owner
+    repo = ModelRepository.open(three_task_repo)
+    for v in (1, 2):
+        before, after = repo.read_manifest(v), repo.read_manifest(v + 1)
+        for lb, la in zip(before.layers, after.layers):
+            kept = [o for o in lb.owner if o >= 0]
+            assert [a for a, b in zip(la.owner, lb.owner) if b >= 0] == kept
+
+
+def test_onnx_matches_torch_for_every_task(three_task_repo, probe):
+    repo = ModelRepository.open(three_task_repo)
+    manifest = repo.verify()
+    session = ort.InferenceSession(str(repo.onnx_path(manifest)), providers=["CPUExecutionProvider"])
+    x = probe.reshape(len(probe), *manifest.input_shape)
+    for t in manifest.tasks:
+        expected = _logits(repo, manifest.version, t.index, probe).numpy()
+        got = session.run([manifest.onnx.output_name], {
+            manifest.onnx.input_name: x, manifest.onnx.task_input_name: np.full(len(x), t.index, dtype=np.int64)
+        })[0]
+        assert got.shape == (len(x), manifest.onnx.max_classes)
+        np.testing.assert_allclose(got[:, : len(t.classes)], expected, rtol=0, atol=1e-5)
+    # one call may mix rows of different tasks
+    tasks = np.arange(len(x), dtype=np.int64) % len(manifest.tasks)
+    mixed = session.run(None, {"input": x, "task": tasks})[0]
+    for t in manifest.tasks:
+        rows = tasks == t.index
+        np.testing.assert_allclose(mixed[rows, : len(t.classes)], _logits(repo, manifest.version, t.index, probe[rows]).numpy(), atol=1e-5)
+
+
+def test_onnx_rejects_out_of_range_task_index(three_task_repo, probe):
+    repo = ModelRepository.open(three_task_repo)
+    manifest = repo.read_manifest()
+    session = ort.InferenceSession(str(repo.onnx_path(manifest)), providers=["CPUExecutionProvider"])
+    x = probe[:2].reshape(2, *manifest.input_shape)
+    for bad in (-1, -3, 3, 1000):
+        with pytest.raises(Exception, match="out of"):
+            session.run(None, {"input": x, "task": np.array([0, bad], dtype=np.int64)})
+
+
+def test_manifest_describes_tasks(three_task_repo):
+    manifest = ModelRepository.open(three_task_repo).read_manifest()
+    assert [t.name for t in manifest.tasks] == ["task0", "task1", "task2"]
+    assert manifest.tasks[0].classes == ("0", "1", "2", "3", "4")
+    assert manifest.tasks[2].classes[0] == "T-shirt/top"
+    assert [t.version for t in manifest.tasks] == [1, 2, 3]
+    assert manifest.onnx.max_classes == 10
+    assert manifest.onnx.opset >= 18
+    for t in manifest.tasks:
+        assert 0 <= t.test_accuracy <= 100
+        assert set(t.reused) == {l.name for l in manifest.layers}
+        assert t.training["config"]["learning_rate"] == 0.002
+
+
+def test_capacity_and_evaluate_cli(three_task_repo, data_dir):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["capacity", "-r", str(three_task_repo), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    manifest = ModelRepository.open(three_task_repo).read_manifest()
+    for layer, rec in zip(report["layers"], manifest.layers):
+        assert layer["total"] == rec.units and layer["free"] == rec.free
+        assert layer["owned_by_task"] == {t.name: rec.owned_by(t.index) for t in manifest.tasks}
+    res = runner.invoke(cli, ["capacity", "-r", str(three_task_repo)])
+    assert res.exit_code == 0 and "FREE" in res.output and "task2" in res.output
+    res = runner.invoke(cli, ["evaluate", "-r", str(three_task_repo), "--json", "--data-dir", str(data_dir)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["task"] for r in rows] == ["task0", "task1", "task2"]
+    for r, t in zip(rows, manifest.tasks):  # the stored test accuracy is reproduced from the repository
+        assert r["split"] == "test" and r["accuracy"] == pytest.approx(t.test_accuracy, abs=1e-3)
+
+
+# ---- publishing -------------------------------------------------------------------------------
+
+def test_publish_failure_leaves_repository_unchanged(three_task_repo, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(three_task_repo, root)
+    before = tree_snapshot(root)
+    repo = ModelRepository.open(root)
+
+    def failing_manifest(version, weights_sha, onnx_sha):
+        raise RuntimeError("disk full (simulated by the test)")
+
+    with pytest.raises(RuntimeError):
+        repo.publish(failing_manifest, {"w": np.zeros(3, np.float32)}, b"onnx")
+    assert tree_snapshot(root) == before
+
+
+def test_killed_add_task_never_leaves_a_half_version(three_task_repo, tmp_path, data_dir):
+    """Kill add-task at several moments, publish included: the repository is old or old+1, never between."""
+    root = tmp_path / "repo"
+    shutil.copytree(three_task_repo, root)
+    before = tree_snapshot(root)
+    cmd = [sys.executable, "-m", "trainer.cli", "add-task", "-r", str(root), "-t", "extra", "-d", "mnist",
+           "--epochs", "1", "--limit", "1000", "--data-dir", str(data_dir), "--finetune-epochs", "0"]
+    outcomes = set()
+    for delay in (2.0, 4.0, 6.0, 8.0):
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        repo = ModelRepository.open(root)
+        versions = repo.versions()
+        assert versions in ([1, 2, 3], [1, 2, 3, 4])
+        for v in versions:
+            repo.verify(v)  # every visible version is complete and passes its checksums
+        outcomes.add(len(versions))
+        if versions == [1, 2, 3, 4]:
+            break
+        leftovers = {k: v for k, v in tree_snapshot(root).items() if not k.startswith(".staging-")}
+        assert leftovers == before
+    # the previous versions are byte-for-byte intact
+    after = tree_snapshot(root)
+    assert {k: v for k, v in after.items() if k.split(os.sep)[0] in {"1", "2", "3", "clnp-repository.json"}} == before
+
+
+def test_ctrl_c_during_add_task_publishes_nothing(three_task_repo, tmp_path, data_dir):
+    root = tmp_path / "repo"
+    shutil.copytree(three_task_repo, root)
+    before = tree_snapshot(root)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "-v", "add-task", "-r", str(root), "-t", "extra", "-d", "mnist",
+         "--epochs", "3", "--data-dir", str(data_dir)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until the data is loaded and training has begun
+        if "loaded mnist" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert tree_snapshot(root) == before
+
+
+def test_retention_keeps_newest_versions(three_task_repo, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(three_task_repo, root)
+    repo = ModelRepository.open(root)
+    assert repo.apply_retention(2) == [1]
+    assert repo.versions() == [2, 3]
+    assert repo.apply_retention(1) == [2]
+    assert repo.versions() == [3]
+    repo.verify(3)
+    with pytest.raises(RepositoryError):
+        repo.apply_retention(0)
+
+
+# ---- bad input: a clear one-line error, exit code 2, nothing changed ---------------------------
+
+def _run_cli(args, env=None):
+    return CliRunner().invoke(cli, args, env=env)
+
+
+BAD_INPUTS = {
+    "unknown data source": (["-t", "x", "-d", "imagenet"], "unknown data source"),
+    "unsafe task name": (["-t", "../etc", "-d", "mnist"], "invalid task name"),
+    "duplicate task name": (["-t", "task1", "-d", "mnist"], "already taken"),
+    "network mismatch": (["-t", "x", "-d", "mnist", "-n", "mlp:784-10-10"], "differs from the repository"),
+    "bad network spec": (["-t", "x", "-d", "mnist", "-n", "mlp:abc"], "invalid network spec"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_and_changes_nothing(case, three_task_repo, tmp_path, data_dir):
+    root = tmp_path / "repo"
+    shutil.copytree(three_task_repo, root)
+    before = tree_snapshot(root)
+    args, message = BAD_INPUTS[case]
+    res = _run_cli(["add-task", "-r", str(root), *args, "--limit", "500", "--data-dir", str(data_dir)])
+    assert res.exit_code == 2, res.output
+    assert message in res.output.lower() or message in res.output
+    assert res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) == 1
+    assert tree_snapshot(root) == before
+
+
+def test_input_shape_mismatch(three_task_repo, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(three_task_repo, root)
+    before = tree_snapshot(root)
+    data = tmp_path / "small.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.normal(size=(300, 10)).astype(np.float32), y=rng.integers(0, 3, 300))
+    res = _run_cli(["add-task", "-r", str(root), "-t", "tabular", "-d", str(data)])
+    assert res.exit_code == 2 and "(10,)" in res.output and "784" in res.output, res.output
+    assert tree_snapshot(root) == before
+
+
+def test_not_a_repository(tmp_path, data_dir):
+    root = tmp_path / "elsewhere"
+    root.mkdir()
+    (root / "notes.txt").write_text("not a model repository")
+    res = _run_cli(["add-task", "-r", str(root), "-t", "x", "-d", "mnist", "--limit", "500", "--data-dir", str(data_dir)])
+    assert res.exit_code == 2 and "not a clnp model repository" in res.output
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+    res = _run_cli(["capacity", "-r", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_corrupt_version_is_refused(three_task_repo, tmp_path, data_dir):
+    root = tmp_path / "repo"
+    shutil.copytree(three_task_repo, root)
+    weights = root / "3" / "weights.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    before = tree_snapshot(root)
+    res = _run_cli(["add-task", "-r", str(root), "-t", "x", "-d", "mnist", "--limit", "500", "--data-dir", str(data_dir)])
+    assert res.exit_code == 2 and "does not match its checksum" in res.output, res.output
+    assert tree_snapshot(root) == before
+    with pytest.raises(CorruptVersionError):
+        ModelRepository.open(root).verify(3)
+
+
+def test_missing_and_corrupt_data_files(tmp_path, monkeypatch):
+    # No data dir and an unreachable download address: a clear error, and no repository is created.
+    monkeypatch.setenv("CLNP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLNP_MNIST_URL", "http://127.0.0.1:9/")
+    monkeypatch.delenv("CLNP_DATA_DIR", raising=False)
+    root = tmp_path / "repo"
+    res = _run_cli(["add-task", "-r", str(root), "-t", "x", "-d", "mnist"])
+    assert res.exit_code == 2 and "--data-dir" in res.output, res.output
+    assert not root.exists()
+    # A corrupt idx file in the data dir is named in the error.
+    bad = tmp_path / "data" / "mnist"
+    bad.mkdir(parents=True)
+    for f in (REPO_ROOT.parent / "shared" / "data" / "mnist").glob("*.gz"):
+        shutil.copy(f, bad / f.name)
+    labels = bad / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-100])
+    res = _run_cli(["add-task", "-r", str(root), "-t", "x", "-d", "mnist", "--data-dir", str(tmp_path / "data")])
+    assert res.exit_code == 2 and "train-labels" in res.output, res.output
+    assert not root.exists()
+
+
+def test_full_layer_fails_fast_and_changes_nothing(tmp_path, data_dir):
+    """A tiny network fills up; the next add-task is refused before training, naming the layer."""
+    root = tmp_path / "repo"
+    cfg = CLNPConfig(epochs=1, finetune_epochs=0, max_drop=0.0, alpha=0.0, prune_connections=False)
+    full = False
+    for i in range(6):
+        add_task(root, f"t{i}", f"permuted-mnist:{i}", network="mlp:784-3-3", config=cfg, limit=600,
+                 data_dir=str(data_dir))
+        if any(l.free == 0 for l in ModelRepository.open(root).read_manifest().layers):
+            full = True
+            break
+    assert full, "the 3-unit network should fill up within 6 tasks when nothing may be pruned"
+    before = tree_snapshot(root)
+    res = _run_cli(["add-task", "-r", str(root), "-t", "more", "-d", "mnist", "--limit", "500", "--data-dir", str(data_dir)])
+    assert res.exit_code == 2 and "no free unit left in layer" in res.output, res.output
+    assert tree_snapshot(root) == before
+
+
+def test_help_explains_every_option():
+    res = _run_cli(["add-task", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--repository", "--task", "--data", "--network", "--epochs", "--max-drop", "--limit", "--seed",
+                "--device", "--alpha", "--retention", "--data-dir"):
+        assert opt in res.output
