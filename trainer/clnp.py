@@ -47,9 +47,9 @@ class CLNPConfig:
     epochs: int = 4  # passes over the training data while learning the task
     learning_rate: float = 0.002  # Adam's step size (the paper's setup)
     batch_size: int = 256  # samples per step (the paper's setup)
-    alpha: float = 0.5  # L1 penalty on FREE units' activations: alpha * mean over a layer's units (width-independent)
+    alpha: float = 1.0  # L1 penalty on FREE units' activations: alpha * mean over a layer's units (width-independent)
     lr_decay: float = 0.1  # learning rate factor for the last quarter of the epochs (when epochs >= 2)
-    max_drop: float = 0.5  # graceful forgetting: validation accuracy points the pruning may cost
+    max_drop: float = 1.0  # graceful forgetting: validation accuracy points the pruning may cost
     finetune_epochs: int = 2  # epochs of fine-tuning the kept units after pruning (0: none)
     finetune_lr: float = 0.001  # Adam's step size while fine-tuning
     prune_connections: bool = True  # prune task connections from earlier units by magnitude (reuse measure)
