@@ -25,7 +25,8 @@ from trainer.pipeline import add_task, fit_to_network, load_network
 
 from conftest import REPO_ROOT, tree_snapshot
 
-QUICK = CLNPConfig(epochs=2, finetune_epochs=1, batch_size=64)  # 1500 samples: enough steps to learn
+# 1500 samples: a smaller batch for enough steps, and a milder penalty than the default for so little data.
+QUICK = CLNPConfig(epochs=2, finetune_epochs=1, batch_size=64, alpha=0.5)
 NETWORKS = {"mlp": "mlp:784-96-96", "cnn": "cnn:1x28x28-c24-c32-d64"}
 SOURCES = ["split-mnist:0,1,2,3,4", "permuted-mnist:7", "fashion-mnist"]
 
@@ -199,7 +200,9 @@ def test_ctrl_c_during_add_task_publishes_nothing(three_task_repo, tmp_path, dat
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer.cli", "-v", "add-task", "-r", str(root), "-t", "extra", "-d", "mnist",
          "--epochs", "3", "--data-dir", str(data_dir)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell's background jobs start with SIGINT ignored; give the child the default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:  # wait until the data is loaded and training has begun
         if "loaded mnist" in line:
             break
