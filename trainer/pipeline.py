@@ -139,7 +139,7 @@ def add_task(
 
     if previous is None:
         torch.manual_seed(config.seed)
-        net, owners = MaskedNetwork(spec), None
+        net = MaskedNetwork(spec)
         owners = new_owners(net)
         old_tensors = {}
     else:

@@ -1,0 +1,163 @@
+"""benchmarks/continual.py in quick mode: invariants of the results, not golden numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("benchmark_continual", REPO_ROOT / "benchmarks" / "continual.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_module()
+
+SECTIONS = ("settings", "machine", "published", "estimate", "ewc_selection", "headline", "sweep", "training_cost",
+            "cnn", "plots", "total_wall_seconds")
+METHODS = ("CLNP", "fine-tuning", "EWC", "single-task")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("continual")
+    bench.main(["--quick", "--data-dir", str(data_dir), "--out", str(out)])
+    return out, json.loads((out / "continual.json").read_text())
+
+
+def _runs(res):
+    yield "headline", res["headline"]["runs"]
+    yield "cnn", res["cnn"]["runs"]
+
+
+def test_json_has_every_section(quick):
+    _, res = quick
+    for key in SECTIONS:
+        assert key in res, key
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu_count"] and res["machine"]["platform"]
+    assert res["total_wall_seconds"] > 0
+    assert res["headline"]["seed_count"] == 1
+    run = res["headline"]["runs"][0]
+    assert set(METHODS) <= set(run["methods"])
+    N = res["settings"]["tasks"]
+    for name in METHODS:
+        m = run["methods"][name]
+        assert len(m["accuracy_matrix"]) == N and all(len(r) == N for r in m["accuracy_matrix"])
+        assert 0 <= m["average_accuracy"] <= 100
+        assert m["train_seconds"] > 0
+        assert set(res["headline"]["summary"][name]) == {"average_accuracy", "backward_transfer", "train_seconds"}
+    ew = res["ewc_selection"]
+    assert ew["winner"] in ew["grid"] and len(ew["grid"]) == 2 and set(ew["scores"]) == {f"{g:g}" for g in ew["grid"]}
+    assert run["methods"]["EWC"]["ewc_lambda"] == ew["winner"]
+    assert [r["max_drop"] for r in res["sweep"]["rows"]] == [0.0, 1.0]
+    for r in res["sweep"]["rows"]:
+        assert 0 <= r["average_accuracy"] <= 100 and set(r["free_after_last_task"]) == {"layer1", "layer2"}
+    tc = res["training_cost"]
+    assert tc["clnp_median"] > 0 and tc["plain_median"] > 0 and tc["clnp_time_over_plain_time"] > 0
+    assert set(res["cnn"]["runs"][0]["methods"]) >= {"CLNP", "fine-tuning", "single-task"}
+    assert len(res["cnn"]["sources"]) == 3
+    assert res["published"]["CLNP"] == "98.42 ± 0.04"
+
+
+def test_clnp_zero_forgetting_is_bit_exact(quick):
+    _, res = quick
+    for scenario, runs in _runs(res):
+        for run in runs:
+            c = run["methods"]["CLNP"]
+            N = len(c["accuracy_matrix"])
+            checks = {(z["task"], z["after_task"]) for z in c["zero_forgetting"]}
+            assert checks == {(i, j) for j in range(N) for i in range(j)}, scenario
+            assert all(z["identical"] for z in c["zero_forgetting"]), scenario
+            assert c["zero_forgetting_all_identical"]
+            A = c["accuracy_matrix"]
+            for i in range(N):
+                for j in range(i, N):
+                    assert A[i][j] is not None and A[i][j] == A[i][i], (scenario, i, j)
+            assert c["backward_transfer"] == 0.0
+
+
+def test_fine_tuning_forgets(quick):
+    _, res = quick
+    A = res["headline"]["runs"][0]["methods"]["fine-tuning"]["accuracy_matrix"]
+    assert A[0][-1] < A[0][0] - 5.0, A
+    assert res["headline"]["runs"][0]["methods"]["fine-tuning"]["backward_transfer"] < 0
+
+
+def test_free_units_never_increase(quick):
+    _, res = quick
+    for scenario, runs in _runs(res):
+        c = runs[0]["methods"]["CLNP"]
+        layers, units = c["layers"], c["layer_units"]
+        prev = dict(zip(layers, units))
+        for k, tk in enumerate(c["tasks"]):
+            for n, u in zip(layers, units):
+                assert tk["free_after"][n] <= prev[n], (scenario, k, n)
+                owned = tk["owned_after"][n]
+                assert len(owned) == k + 1 and sum(owned) + tk["free_after"][n] == u
+                assert owned[k] == tk["units_kept"][n]
+                assert 0 <= tk["reused"][n] <= u - tk["free_after"][n] - owned[k]
+            prev = tk["free_after"]
+        # an earlier task's units never change hands
+        for n in layers:
+            for k in range(len(c["tasks"])):
+                assert {tk["owned_after"][n][k] for tk in c["tasks"][k:]} == {c["units_per_task_per_layer"][n][k]}
+
+
+def test_markdown_and_plots(quick):
+    out, res = quick
+    md = (out / "continual.md").read_text()
+    assert md.strip()
+    for needle in ("published (paper)", "98.42 ± 0.04", "97.2", "max_drop", "CLNP step time / plain step time",
+                   "split MNIST", "FREE units per layer after each task", "Seeds: 1"):
+        assert needle in md, needle
+    assert len(res["plots"]) >= 5
+    for name in ("accuracy_matrix.png", "capacity.png", "reuse.png", "max_drop_tradeoff.png", "cnn_accuracy_matrix.png"):
+        assert name in res["plots"]
+    for name in res["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+
+
+@pytest.mark.parametrize("spec", ["mlp:784-12-10", "cnn:1x28x28-c3-c4-d6"])
+def test_diagonal_fisher_matches_per_sample_autograd(spec):
+    """The closed-form per-sample squared gradients equal a loop of one-sample backward passes."""
+    net = bench.MaskedNetwork(bench.parse_network_spec(spec))
+    shape = net.spec.input_shape
+    net.add_head(3, torch.full(shape, 0.01), torch.zeros(shape), generator=torch.Generator().manual_seed(1))
+    x = torch.rand(7, *shape, generator=torch.Generator().manual_seed(2)) * 255
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 1])
+    fast = bench.diagonal_fisher(net, 0, x, labels=y, batch=3)
+    params = [*net.weights, *net.biases]
+    ref = [torch.zeros_like(p) for p in params]
+    masks = [torch.ones(l.units) for l in net.spec.layers]
+    for n in range(len(x)):
+        logp = torch.log_softmax(net(x[n:n + 1], 0, masks), 1)[0, y[n]]
+        for r, g in zip(ref, torch.autograd.grad(logp, params)):
+            r += g.pow(2) / len(x)
+    for f, r in zip(fast, ref):
+        assert torch.allclose(f, r, rtol=1e-4, atol=1e-9)
+
+
+def test_capacity_exhaustion_is_recorded():
+    """A CLNP network with no FREE unit left stops learning and reports it instead of failing the run."""
+    spec = bench.parse_network_spec("mlp:784-4-4")
+    learner = bench.CLNPLearner(spec, bench.CLNPConfig(), "cpu")
+    learner.owners = [torch.zeros(4, dtype=torch.int64) for _ in range(2)]  # every unit owned by task 0
+    x = torch.rand(8, 28, 28)
+    task = bench.Task("t", 10, torch.ones(28, 28), torch.zeros(28, 28), x, torch.zeros(8, dtype=torch.int64),
+                      x, torch.zeros(8, dtype=torch.int64), x, torch.zeros(8, dtype=torch.int64))
+    learner.learn(1, task)
+    assert learner.exhausted_at == 1 and "no free unit" in learner.exhausted_message
+    assert learner.accuracy(1, x, task.y_test, "test") is None
+    assert learner.report()["capacity_exhausted_at_task"] == 1
+    s = bench.summarize([[90.0, 90.0], [None, None]], [1.0])
+    assert s["average_accuracy"] == 90.0 and s["tasks_counted"] == 1 and s["backward_transfer"] == 0.0
