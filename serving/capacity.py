@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from serving.repository import FREE, Manifest
+from serving.repository import Manifest
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,3 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
-
-
-# Re-exported for callers that only need the sentinel.
-__all__ = ["CapacityReport", "LayerCapacity", "TaskCapacity", "capacity_report", "format_capacity", "FREE"]

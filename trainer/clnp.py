@@ -25,7 +25,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -306,11 +306,10 @@ def _consumers(net: MaskedNetwork, owners: list[torch.Tensor], task: int):
 @torch.no_grad()
 def _zero_free_connections(net: MaskedNetwork, owners: list[torch.Tensor], task: int) -> None:
     """Zero the incoming rows and biases of FREE units and every connection out of them."""
-    for i, o in enumerate(owners):
+    for i, (o, (consumer, _)) in enumerate(zip(owners, _consumers(net, owners, task))):
         free = o == FREE
         net.weights[i][free] = 0.0
         net.biases[i][free] = 0.0
-        consumer, _ = _consumers(net, owners, task)[i]
         # Rows of earlier tasks' units already hold zeros there and are never written.
         rows = ((owners[i + 1] == FREE) | (owners[i + 1] == task) if i + 1 < len(owners)
                 else torch.ones(consumer.shape[0], dtype=torch.bool, device=o.device))
@@ -375,14 +374,6 @@ def reuse_counts(net: MaskedNetwork, owners: list[torch.Tensor], task: int) -> d
         used = (view != 0).any(dim=2).any(dim=0) if view.shape[0] else torch.zeros_like(earlier)
         out[net.spec.layer_names[i]] = int((used & earlier).sum())
     return out
-
-
-def outcome_dict(outcome: TaskOutcome) -> dict:
-    return asdict(outcome)
-
-
-def config_dict(config: CLNPConfig) -> dict:
-    return asdict(config)
 
 
 __all__ = [

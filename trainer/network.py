@@ -107,7 +107,6 @@ class MaskedNetwork(nn.Module):
         in_ch, in_dim, spatial = spec.input_shape[0], math.prod(spec.input_shape), None
         if spec.family == "cnn":
             spatial = (spec.input_shape[1], spec.input_shape[2])
-        self.flatten_positions = 1  # positions per channel where the first dense layer flattens a conv output
         for layer in spec.layers:
             if layer.kind == "conv":
                 w = torch.empty(layer.units, in_ch, 3, 3)
@@ -115,8 +114,6 @@ class MaskedNetwork(nn.Module):
                 spatial = (spatial[0] // 2, spatial[1] // 2)
                 in_dim = in_ch * spatial[0] * spatial[1]
             else:
-                if spatial is not None and len(self.weights) and self.spec.layers[len(self.weights) - 1].kind == "conv":
-                    self.flatten_positions = spatial[0] * spatial[1]
                 w = torch.empty(layer.units, in_dim)
                 in_dim = layer.units
             self.weights.append(nn.Parameter(w))
