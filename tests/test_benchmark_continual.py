@@ -127,6 +127,53 @@ def test_markdown_and_plots(quick):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
 
 
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, data_dir):
+    """The quick run in two parts, as two processes on two cores would run the full one, then merged."""
+    a, b, merged = (tmp_path_factory.mktemp(n) for n in ("part_a", "part_b", "merged"))
+    common = ["--quick", "--data-dir", str(data_dir), "--no-estimate"]
+    bench.main(common + ["--out", str(a), "--methods", "clnp,single", "--no-cnn", "--cost-steps", "0"])
+    bench.main(common + ["--out", str(b), "--methods", "finetune,ewc", "--sweep-max-drop="])
+    bench.main(["--merge", str(a), str(b), "--out", str(merged)])
+    return a, b, merged, json.loads((merged / "continual.json").read_text())
+
+
+def test_merged_parts_equal_the_single_run(quick, parts):
+    _, single = quick
+    a, b, out, res = parts
+    for part in (a, b):  # a part on its own holds only its methods and sections
+        r = json.loads((part / "continual.json").read_text())
+        assert set(r["headline"]["runs"][0]["methods"]) in ({"CLNP", "single-task"}, {"fine-tuning", "EWC"})
+    run, ref = res["headline"]["runs"][0], single["headline"]["runs"][0]
+    assert list(run["methods"]) == list(METHODS)
+    for name in METHODS:  # same seed, same data: every method learns exactly what it learns in one process
+        assert run["methods"][name]["accuracy_matrix"] == ref["methods"][name]["accuracy_matrix"], name
+    assert res["headline"]["zero_forgetting_all_identical"] is True
+    assert res["ewc_selection"]["winner"] == single["ewc_selection"]["winner"]
+    assert [(r["max_drop"], r["from_headline_run"]) for r in res["sweep"]["rows"]] == [(0.0, False), (1.0, True)]
+    assert [r["average_accuracy"] for r in res["sweep"]["rows"]] == [r["average_accuracy"] for r in single["sweep"]["rows"]]
+    assert not res["training_cost"].get("skipped") and not res["cnn"].get("skipped")
+    assert [p["folder"] for p in res["merged_from"]] == [str(a), str(b)]
+    md = (out / "continual.md").read_text()
+    assert "combined by `--merge`" in md and "EWC (λ=" in md and "FREE units per layer after each task" in md
+    assert {"accuracy_matrix.png", "capacity.png", "max_drop_tradeoff.png", "cnn_capacity.png"} <= set(res["plots"])
+
+
+def test_merge_refuses_what_does_not_fit(parts, tmp_path):
+    a, b, _, _ = parts
+    with pytest.raises(SystemExit, match="method CLNP is in both"):
+        bench.main(["--merge", str(a), str(a), "--out", str(tmp_path / "twice")])
+    other = json.loads((b / "continual.json").read_text())
+    other["settings"]["epochs"] = 3
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "continual.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="epochs=3"):
+        bench.main(["--merge", str(a), str(tmp_path / "other"), "--out", str(tmp_path / "mixed")])
+    with pytest.raises(SystemExit, match="not found"):
+        bench.main(["--merge", str(a), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "mixed").exists()
+
+
 @pytest.mark.parametrize("spec", ["mlp:784-12-10", "cnn:1x28x28-c3-c4-d6"])
 def test_diagonal_fisher_matches_per_sample_autograd(spec):
     """The closed-form per-sample squared gradients equal a loop of one-sample backward passes."""
