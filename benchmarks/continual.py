@@ -3,7 +3,8 @@
 
 Every method sees the same tasks, the same data (same validation hold-out), the same network spec and
 the same optimiser schedule (Adam, learning rate, batch size, epochs and the last-quarter learning-rate
-decay of `CLNPConfig`), and is measured in the same process on the same machine.
+decay of `CLNPConfig`), and is measured on the same machine in the same run (one process, or the
+processes of a split run merged with `--merge`, see the end of this text).
 
 Scenarios and measurements
 --------------------------
@@ -40,6 +41,16 @@ Outputs in `--out` (default benchmarks/results): continual.json, continual.md an
 
     python benchmarks/continual.py --data-dir ../shared/data            # the full run (hours on 2 CPU cores)
     python benchmarks/continual.py --data-dir ../shared/data --quick    # about a minute
+
+Every learner is seeded from `--seeds` alone, so a method learns the same thing whether it runs beside the
+others or on its own (a test checks this). On a machine with two or more cores the full run can therefore
+be split into processes that run side by side (one torch thread each) and merged:
+
+    python benchmarks/continual.py --data-dir ../shared/data --out /tmp/a --methods clnp,single \
+        --no-cnn --cost-steps 0 &
+    python benchmarks/continual.py --data-dir ../shared/data --out /tmp/b --methods finetune,ewc \
+        --sweep-max-drop= &
+    wait && python benchmarks/continual.py --merge /tmp/a /tmp/b --out benchmarks/results
 """
 
 from __future__ import annotations
