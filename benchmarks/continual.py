@@ -510,15 +510,15 @@ def continual_scenario(spec: NetworkSpec, sources: list[str], cfg: CLNPConfig, a
 
 def headline_block(sources: list[str], network: str, seeds: list[int], runs: list[dict]) -> dict:
     """The headline section of continual.json from per-seed runs (each {"seed", "methods": {name: ...}})."""
-    names = [n for n in METHOD_FLAGS.values() if all(n in r["methods"] for r in runs)]
-    summary = {name: {key: mean_std([r["methods"][name][key] for r in runs])
+    # a merged run may hold some methods for more seeds than others: each is summarised over the seeds it ran
+    names = [n for n in METHOD_FLAGS.values() if any(n in r["methods"] for r in runs)]
+    summary = {name: {key: mean_std([r["methods"][name][key] for r in runs if name in r["methods"]])
                       for key in ("average_accuracy", "backward_transfer", "train_seconds")}
                for name in names}
-    clnp = all("CLNP" in r["methods"] for r in runs)
+    clnp = [r["methods"]["CLNP"]["zero_forgetting_all_identical"] for r in runs if "CLNP" in r["methods"]]
     return {"scenario": "permuted MNIST", "sources": sources, "network": network, "seeds": seeds,
             "seed_count": len(seeds), "runs": runs, "summary": summary,
-            "zero_forgetting_all_identical": (all(r["methods"]["CLNP"]["zero_forgetting_all_identical"]
-                                                  for r in runs) if clnp else None)}
+            "zero_forgetting_all_identical": all(clnp) if clnp else None}
 
 
 def _warm_up(spec: NetworkSpec, device: str) -> None:
@@ -673,7 +673,8 @@ def write_markdown(res: dict, path: Path, plots: list[str]) -> None:
           f"- Training samples per task: {'all (54,000)' if st['limit'] is None else st['limit']}; "
           f"test: the full MNIST test set (10,000) per task",
           f"- Seeds: {len(st['seeds'])} ({', '.join(map(str, st['seeds']))}); "
-          + ("numbers are mean ± std over seeds" if len(st['seeds']) > 1 else "a single seed: no spread"),
+          + (f"headline numbers are mean ± std over the seeds each method ran (column 'seeds'); the matrices and "
+             f"capacity tables below are seed {st['seeds'][0]}" if len(st['seeds']) > 1 else "a single seed: no spread"),
           f"- Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, torch {res['machine']['torch']}, "
           f"torch threads: {res['machine']['torch_threads']}, device {st['device']}; load average "
           f"{res['machine']['load_average_at_start']} at the start, {res['machine']['load_average_at_end']} at the end "
@@ -694,16 +695,17 @@ def write_markdown(res: dict, path: Path, plots: list[str]) -> None:
         hl = {"summary": {}, "runs": []}
 
     L += ["## Headline: permuted MNIST", ""]
-    L += ["| method | avg accuracy (%) | forgetting: backward transfer (points) | train time (s) | published (paper) avg accuracy (%) |",
-          "| --- | --- | --- | --- | --- |"]
+    L += ["| method | avg accuracy (%) | forgetting: backward transfer (points) | train time (s) | seeds | published (paper) avg accuracy (%) |",
+          "| --- | --- | --- | --- | --- | --- |"]
     summ = hl["summary"]
     for name in summ:
         s = summ[name]
         pub = PUBLISHED.get("EWC" if name == "EWC" else name, "—")
         label = name + (f" (λ={res['ewc_selection']['winner']:g})" if name == "EWC" else "")
         bwt = "0 (separate networks)" if name == "single-task" else _ms(s["backward_transfer"])
-        L.append(f"| {label} | {_ms(s['average_accuracy'])} | {bwt} | {_ms(s['train_seconds'], 1)} | {pub} |")
-    L.append(f"| SI (not run here) | — | — | — | {PUBLISHED['SI']} |")
+        L.append(f"| {label} | {_ms(s['average_accuracy'])} | {bwt} | {_ms(s['train_seconds'], 1)} "
+                 f"| {s['average_accuracy']['n']} | {pub} |")
+    L.append(f"| SI (not run here) | — | — | — | — | {PUBLISHED['SI']} |")
     L += ["", f"Published figures: {PUBLISHED['source']} (single-task: SGD; CLNP: mean ± std); "
           "they are for reference only, measured with other code, schedules and hardware.", ""]
     L += ["Backward transfer = mean over i < N of A[i][N] − A[i][i] (negative: forgetting). "
@@ -746,6 +748,15 @@ def write_markdown(res: dict, path: Path, plots: list[str]) -> None:
     for k, tk in enumerate(c["tasks"]):
         L.append(f"| {k + 1} | " + " | ".join(str(c["units_per_task_per_layer"][n][k]) for n in layers) + " | "
                  + " | ".join(str(tk["reused"][n]) for n in layers) + " |")
+    per_seed = [(r["seed"], r["methods"]["CLNP"]) for r in hl["runs"] if "CLNP" in r["methods"]]
+    if len(per_seed) > 1:
+        L += ["", "CLNP per seed: average accuracy, and FREE units per layer after the last task:", "",
+              "| seed | avg accuracy (%) | " + " | ".join(f"{n} FREE" for n in layers) + " |",
+              "| --- | --- |" + " --- |" * len(layers)]
+        for seed, m in per_seed:
+            free = m["tasks"][-1]["free_after"] if m["tasks"] else {}
+            L.append(f"| {seed} | {_f(m['average_accuracy'])} | " + " | ".join(str(free.get(n, "—")) for n in layers)
+                     + " |")
     if c["capacity_exhausted_at_task"] is not None:
         L += ["", f"Capacity exhausted before task {c['capacity_exhausted_at_task'] + 1}: {c['capacity_exhausted_message']}"]
     L.append("")
@@ -1132,15 +1143,16 @@ def _write_outputs(res: dict, out: Path, plots: list[str]) -> None:
 
 
 # settings that every part of a merged run must share: otherwise the numbers are not comparable
-MERGE_MUST_MATCH = ("tasks", "network", "epochs", "limit", "batch_size", "seeds", "clnp_config", "sources", "device",
-                    "quick")
+MERGE_MUST_MATCH = ("tasks", "network", "epochs", "limit", "batch_size", "clnp_config", "sources", "device", "quick",
+                    "ewc_fisher_samples")
 
 
 def merge_results(parts: list[tuple[str, dict]]) -> dict:
     """One continual.json from partial runs (--methods subsets, parts skipped with --no-cnn etc.).
 
-    Every part must have used the same data, network, schedule and seeds; each method and each section may come
-    from one part only. Raises ValueError saying what does not fit.
+    Every part must have used the same data, network and schedule; a part may add seeds (e.g. more seeds of CLNP
+    alone: each method is then summarised over the seeds it ran). A method may come from one part per seed, and
+    each other section from one part only. Raises ValueError saying what does not fit.
     """
     if len(parts) < 2:
         raise ValueError("--merge needs at least two result folders")
@@ -1157,46 +1169,50 @@ def merge_results(parts: list[tuple[str, dict]]) -> dict:
             raise ValueError(f"section {section!r} is in both {found[0][0]} and {found[1][0]}; run it in one part only")
         return found[0][1] if found else {"skipped": True}
 
-    seeds = first["settings"]["seeds"]
-    runs = [{"seed": s, "methods": {}, "wall_seconds_by_part": {}} for s in seeds]
-    owner: dict[str, str] = {}
+    seeds = list(dict.fromkeys(s for _, r in parts for s in r["settings"]["seeds"]))  # first part's seeds first
+    by_seed = {s: {"seed": s, "methods": {}, "wall_seconds_by_part": {}} for s in seeds}
+    owner: dict[tuple[int, str], str] = {}
     for d, r in parts:
         if r["headline"].get("skipped"):
             continue
-        names = set(r["headline"]["runs"][0]["methods"])
-        for name in sorted(names & set(owner)):
-            raise ValueError(f"method {name} is in both {owner[name]} and {d}; run it in one part only")
-        owner.update(dict.fromkeys(names, d))
-        for k, run in enumerate(r["headline"]["runs"]):
+        for run in r["headline"]["runs"]:
             for name, m in run["methods"].items():
-                runs[k]["methods"][name] = m
-            runs[k]["wall_seconds_by_part"][d] = run["wall_seconds"]
+                if (run["seed"], name) in owner:
+                    raise ValueError(f"method {name} (seed {run['seed']}) is in both {owner[run['seed'], name]} "
+                                     f"and {d}; run it in one part only")
+                owner[run["seed"], name] = d
+                by_seed[run["seed"]]["methods"][name] = m
+            by_seed[run["seed"]]["wall_seconds_by_part"][d] = run["wall_seconds"]
+    runs = [run for run in by_seed.values() if run["methods"]]
     for run in runs:
         run["methods"] = {n: run["methods"][n] for n in METHOD_FLAGS.values() if n in run["methods"]}
         run["wall_seconds"] = max(run["wall_seconds_by_part"].values(), default=0.0)
-    headline = headline_block(first["settings"]["sources"], first["settings"]["network"], seeds, runs) if owner \
+    seeds = [run["seed"] for run in runs] or seeds
+    headline = headline_block(first["settings"]["sources"], first["settings"]["network"], seeds, runs) if runs \
         else {"skipped": True}
+    run0 = runs[0]["methods"] if runs else {}
 
     sweep = one("sweep")
     cfg = first["settings"]["clnp_config"]
-    if not sweep.get("skipped") and "CLNP" in owner and sweep["epochs"] == cfg["epochs"] \
-            and sweep["seed"] == seeds[0] and first["settings"]["sweep_max_drop"] is not None:
+    if not sweep.get("skipped") and "CLNP" in run0 and sweep["epochs"] == cfg["epochs"] \
+            and sweep["seed"] == runs[0]["seed"] and first["settings"]["sweep_max_drop"] is not None:
         wanted = [float(v) for v in first["settings"]["sweep_max_drop"].split(",") if v.strip()]
         have = {r["max_drop"] for r in sweep["rows"]}
         if cfg["max_drop"] in wanted and cfg["max_drop"] not in have:  # the part that ran the sweep had no CLNP
-            sweep["rows"] = sorted(sweep["rows"] + [_headline_sweep_row(runs[0]["methods"]["CLNP"], cfg["max_drop"],
+            sweep["rows"] = sorted(sweep["rows"] + [_headline_sweep_row(run0["CLNP"], cfg["max_drop"],
                                                                         sweep["tasks"])], key=lambda r: r["max_drop"])
 
     starts = [r.get("finished_at", 0.0) - r["total_wall_seconds"] for _, r in parts]
     ends = [r.get("finished_at", 0.0) for _, r in parts]
     settings = dict(first["settings"])
-    settings["methods"] = ",".join(k for k, v in METHOD_FLAGS.items() if v in owner)
+    settings["methods"] = ",".join(k for k, v in METHOD_FLAGS.items() if any(n == v for _, n in owner))
+    settings["seeds"] = seeds
     res = {
         "settings": settings,
         "machine": dict(first["machine"], load_average_at_end=parts[-1][1]["machine"]["load_average_at_end"]),
         "published": PUBLISHED,
         "estimate": {},
-        "merged_from": [{"folder": d, "methods": r["settings"]["methods"],
+        "merged_from": [{"folder": d, "methods": r["settings"]["methods"], "seeds": r["settings"]["seeds"],
                          "sections": [k for k in ("ewc_selection", "headline", "sweep", "training_cost", "cnn")
                                       if not r[k].get("skipped")],
                          "wall_seconds": r["total_wall_seconds"], "estimate": r.get("estimate", {}),

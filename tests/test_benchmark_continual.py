@@ -138,6 +138,17 @@ def parts(tmp_path_factory, data_dir):
     return a, b, merged, json.loads((merged / "continual.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def more_seeds(tmp_path_factory, data_dir, parts):
+    """A part that adds a second seed of CLNP alone, merged with the two parts above."""
+    a, b, _, _ = parts
+    c, merged = tmp_path_factory.mktemp("part_c"), tmp_path_factory.mktemp("merged_seeds")
+    bench.main(["--quick", "--data-dir", str(data_dir), "--no-estimate", "--out", str(c), "--methods", "clnp",
+                "--seeds", "1", "--no-cnn", "--cost-steps", "0", "--sweep-max-drop="])
+    bench.main(["--merge", str(a), str(b), str(c), "--out", str(merged)])
+    return c, merged, json.loads((merged / "continual.json").read_text())
+
+
 def test_merged_parts_equal_the_single_run(quick, parts):
     _, single = quick
     a, b, out, res = parts
@@ -159,9 +170,27 @@ def test_merged_parts_equal_the_single_run(quick, parts):
     assert {"accuracy_matrix.png", "capacity.png", "max_drop_tradeoff.png", "cnn_capacity.png"} <= set(res["plots"])
 
 
+def test_merge_adds_seeds_per_method(parts, more_seeds):
+    _, _, _, two = parts
+    c, out, res = more_seeds
+    hl = res["headline"]
+    assert res["settings"]["seeds"] == [0, 1] and [r["seed"] for r in hl["runs"]] == [0, 1]
+    assert list(hl["runs"][1]["methods"]) == ["CLNP"]
+    assert hl["runs"][0]["methods"] == two["headline"]["runs"][0]["methods"]  # seed 0 untouched
+    seed1 = json.loads((c / "continual.json").read_text())["headline"]["runs"][0]["methods"]["CLNP"]
+    accs = [two["headline"]["runs"][0]["methods"]["CLNP"]["average_accuracy"], seed1["average_accuracy"]]
+    s = hl["summary"]["CLNP"]["average_accuracy"]
+    assert s["n"] == 2 and s["mean"] == pytest.approx(sum(accs) / 2) and s["std"] is not None
+    assert all(hl["summary"][n]["average_accuracy"]["n"] == 1 for n in ("fine-tuning", "EWC", "single-task"))
+    assert hl["zero_forgetting_all_identical"] is True
+    assert res["sweep"]["rows"] == two["sweep"]["rows"] and res["sweep"]["seed"] == 0
+    md = (out / "continual.md").read_text()
+    assert "Seeds: 2 (0, 1)" in md and "CLNP per seed" in md
+
+
 def test_merge_refuses_what_does_not_fit(parts, tmp_path):
     a, b, _, _ = parts
-    with pytest.raises(SystemExit, match="method CLNP is in both"):
+    with pytest.raises(SystemExit, match=r"method CLNP \(seed 0\) is in both"):
         bench.main(["--merge", str(a), str(a), "--out", str(tmp_path / "twice")])
     other = json.loads((b / "continual.json").read_text())
     other["settings"]["epochs"] = 3
