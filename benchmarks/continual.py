@@ -683,12 +683,13 @@ def write_markdown(res: dict, path: Path, plots: list[str]) -> None:
           + (f" (predicted before the run: {_dur(res['estimate']['total_seconds'])})"
              if res.get("estimate", {}).get("total_seconds") is not None else "")]
     for part in res.get("merged_from", []):
-        L.append(f"  - part `{part['folder']}`: methods {part['methods']}, sections {', '.join(part['sections'])}: "
+        L.append(f"  - part `{part['folder']}`: methods {part['methods']}, "
+                 f"seeds {', '.join(map(str, part.get('seeds', [])))}, sections {', '.join(part['sections'])}: "
                  f"{part['wall_seconds'] / 60:.1f} min"
                  + (f" (predicted {_dur(part['estimate']['total_seconds'])})"
                     if part.get("estimate", {}).get("total_seconds") is not None else ""))
     if res.get("merged_from"):
-        L.append(f"  - {len(res['merged_from'])} parts: separate processes with the same settings, data and seeds, "
+        L.append(f"  - {len(res['merged_from'])} parts: separate processes with the same settings and data, "
                  "combined by `--merge`; the total runs from the first part's start to the last part's finish")
     L.append("")
     if hl.get("skipped"):
