@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 
@@ -198,7 +199,13 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="clnp-train", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("error: interrupted; nothing was published", err=True)
-        sys.exit(130)
+        # os._exit, not sys.exit: with sys.exit(130) some runs still ended by SIGINT (-2 to the parent, not 130)
+        # after this handler had run, depending on where the interrupt landed; os._exit leaves the interpreter
+        # no later step to do that. add-task has already removed its staging directory; only the streams need
+        # flushing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except click.exceptions.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
