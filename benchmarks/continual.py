@@ -1196,8 +1196,9 @@ def merge_results(parts: list[tuple[str, dict]]) -> dict:
     sweep = one("sweep")
     cfg = first["settings"]["clnp_config"]
     if not sweep.get("skipped") and "CLNP" in run0 and sweep["epochs"] == cfg["epochs"] \
-            and sweep["seed"] == runs[0]["seed"] and first["settings"]["sweep_max_drop"] is not None:
-        wanted = [float(v) for v in first["settings"]["sweep_max_drop"].split(",") if v.strip()]
+            and sweep["seed"] == runs[0]["seed"]:
+        asked = next(r for _, r in parts if not r["sweep"].get("skipped"))["settings"]["sweep_max_drop"]
+        wanted = [float(v) for v in asked.split(",") if v.strip()]  # as the part that ran the sweep was asked
         have = {r["max_drop"] for r in sweep["rows"]}
         if cfg["max_drop"] in wanted and cfg["max_drop"] not in have:  # the part that ran the sweep had no CLNP
             sweep["rows"] = sorted(sweep["rows"] + [_headline_sweep_row(run0["CLNP"], cfg["max_drop"],
