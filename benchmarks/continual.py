@@ -276,7 +276,8 @@ class FineTuneLearner:
         self.seconds: list[float] = []
         self.fisher_seconds: list[float] = []
         self.fisher_sum: list[torch.Tensor] | None = None  # A = sum_i F_i, per hidden parameter
-        self.anchor: list[torch.Tensor] | None = None  # sum_i F_i theta*_i / A: the penalty's centre
+        self.weighted: list[torch.Tensor] | None = None  # sum_i F_i theta*_i
+        self.anchor: list[torch.Tensor] | None = None  # weighted / A: the penalty's centre
 
     def _hidden_params(self) -> list[torch.nn.Parameter]:
         return [*self.net.weights, *self.net.biases]
@@ -598,7 +599,7 @@ def _sweep_row(s: dict, tasks: list[dict]) -> dict:
     last = tasks[-1] if tasks else {}
     return {"average_accuracy": s["average_accuracy"], "accuracy_matrix": s["accuracy_matrix"],
             "free_after_last_task": last.get("free_after"),
-            "units_per_task_per_layer": {k: v for k, v in last.get("owned_after", {}).items()},
+            "units_per_task_per_layer": dict(last.get("owned_after", {})),
             "validation_accuracy": [tk["validation_accuracy"] for tk in tasks],
             "train_seconds": s["train_seconds"], "tasks_learned": len(tasks)}
 
@@ -607,7 +608,7 @@ def training_cost(spec, cfg, args, seed) -> dict:
     """Samples/second of CLNP's training step vs a plain step of the same network, through the same loop."""
     steps, rounds = args.cost_steps, args.cost_rounds
     n = steps * cfg.batch_size
-    limit = max(n, args.limit or 0) if args.limit else None
+    limit = max(n, args.limit) if args.limit else None
     d = load_task("permuted-mnist:1", spec, args.data_dir, limit, seed, args.device)
     x, y = d.x_train, d.y_train
     while len(x) < n:
