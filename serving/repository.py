@@ -33,6 +33,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from serving.contract import FREE, visible_to
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "clnp-model-repository"
@@ -42,7 +44,6 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 STAGING_PREFIX = ".staging-"
-FREE = -1  # owner value of a unit that no task owns
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 TASK_NAME_RULE = "1 to 64 characters: letters, digits, '_' or '-', starting with a letter or digit"
 
@@ -98,7 +99,7 @@ class LayerRecord:
     def mask(self, task_index: int) -> np.ndarray:
         """Task `task_index`'s view of the layer: 1.0 where the owner is a task <= task_index."""
         owner = np.asarray(self.owner, dtype=np.int64)
-        return ((owner >= 0) & (owner <= task_index)).astype(np.float32)
+        return visible_to(owner, task_index).astype(np.float32)
 
 
 @dataclass(frozen=True)

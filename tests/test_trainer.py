@@ -338,3 +338,31 @@ def test_help_explains_every_option():
     for opt in ("--repository", "--task", "--data", "--network", "--epochs", "--max-drop", "--limit", "--seed",
                 "--device", "--alpha", "--retention", "--data-dir"):
         assert opt in res.output
+
+
+def test_parity_check_scales_with_the_logits_and_still_catches_a_wrong_mask_or_head(three_task_repo, probe):
+    """Round-off on large logits passes (numpy.allclose-style, scaled by the row); a wrong mask or head fails."""
+    from trainer.export import PARITY_ATOL, ExportError, check_parity, export_onnx
+
+    repo = ModelRepository.open(three_task_repo)
+    net, owners = load_network(repo, repo.read_manifest())
+    x = fit_to_network(probe, net.spec, "probe")
+    probes = {t: x for t in range(net.num_tasks)}
+    with torch.no_grad():
+        for hw in net.head_weights:
+            hw.mul_(1e4)  # logits in the tens of thousands: float32 round-off exceeds any fixed 1e-5
+    onnx_bytes, _ = export_onnx(net, owners)
+    worst = check_parity(onnx_bytes, net, owners, probes)
+    assert worst > PARITY_ATOL  # the old absolute rule would have refused this correct export
+
+    wrong = [o.clone() for o in owners]
+    unit = int(torch.nonzero(wrong[0] == 1)[0])
+    wrong[0][unit] = 2  # one unit of task 1 moved to task 2: task 1's mask in the graph lacks it
+    wrong_bytes, _ = export_onnx(net, wrong)
+    with pytest.raises(ExportError, match="task 1"):
+        check_parity(wrong_bytes, net, owners, probes)
+
+    with torch.no_grad():
+        net.head_biases[2][0] += 1e-2 * float(net.head_weights[2].abs().max())  # a slightly wrong head
+    with pytest.raises(ExportError, match="task 2"):
+        check_parity(onnx_bytes, net, owners, probes)

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from serving.contract import FREE, visible_to
 from trainer.network import MaskedNetwork
 
 logger = logging.getLogger(__name__)
 
-FREE = -1
 
 
 class CapacityExhaustedError(Exception):
@@ -80,7 +80,7 @@ def new_owners(net: MaskedNetwork) -> list[torch.Tensor]:
 
 def task_masks(owners: list[torch.Tensor], task: int) -> list[torch.Tensor]:
     """Task `task`'s view: 1.0 for units owned by a task <= `task`, else 0.0."""
-    return [((o >= 0) & (o <= task)).float() for o in owners]
+    return [visible_to(o, task).float() for o in owners]
 
 
 def accuracy(net: MaskedNetwork, x: torch.Tensor, y: torch.Tensor, task: int, masks: list[torch.Tensor],

@@ -28,7 +28,8 @@ from serving.repository import (
 )
 from trainer.clnp import CLNPConfig, TaskOutcome, check_capacity, learn_task, new_owners, task_masks, accuracy
 from trainer.data import TaskData, load_source
-from trainer.export import INPUT_NAME, OPSET, OUTPUT_NAME, TASK_INPUT_NAME, check_parity, export_onnx
+from serving.contract import INPUT_NAME, OUTPUT_NAME, TASK_INPUT_NAME
+from trainer.export import OPSET, check_parity, export_onnx
 from trainer.network import MaskedNetwork, NetworkSpec, parse_network_spec
 
 logger = logging.getLogger(__name__)
