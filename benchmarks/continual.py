@@ -2,8 +2,8 @@
 """Continual-learning benchmark: CLNP against fine-tuning, EWC and single-task networks, in one run.
 
 Every method sees the same tasks, the same data (same validation hold-out), the same network spec and
-the same optimiser schedule (Adam, learning rate, batch size, epochs and the last-quarter learning-rate
-decay of `CLNPConfig`), and is measured on the same machine in the same run (one process, or the
+the same optimiser schedule (CLNP's dense phase of the `--preset` config: Adam, learning rate and its
+schedule, dropout, batch size, epochs), and is measured on the same machine in the same run (one process, or the
 processes of a split run merged with `--merge`, see the end of this text).
 
 Scenarios and measurements
@@ -12,7 +12,7 @@ Scenarios and measurements
   identity either, 1..N simply matches "task 1, task 2, ..."), an MLP (default 784-2000-2000), one head
   per task. Methods:
 
-  - ``CLNP``: `trainer.clnp.learn_task` driven in-process with `CLNPConfig()` (only epochs and the seed
+  - ``CLNP``: `trainer.clnp.learn_task` driven in-process with the `--preset` config (only epochs and the seed
     changed), no repository and no ONNX. After each task: FREE units per layer, units owned by every
     task per layer, earlier units reused per layer, validation accuracy, and a zero-forgetting check:
     every earlier task's logits on a fixed probe batch (its first 256 test images) are compared with
@@ -32,12 +32,13 @@ Scenarios and measurements
 * Graceful-forgetting sweep: CLNP again with each `--sweep-max-drop` value on the first `--sweep-tasks`
   tasks; average accuracy against the FREE units left. CLNP is deterministic and task-by-task, so the
   value equal to the headline's max_drop is read off the headline run's prefix when the settings match.
-* Training cost: samples/second of CLNP's training step (`_Trainer.train_free_units`: grad masks and the
+* Training cost: samples/second of CLNP's training step (`TaskTrainer.run_epochs` over the FREE units: grad masks and the
   L1 activity penalty) against a plain step of the same network through the same loop, interleaved.
 * CNN (`--cnn`, default on): split MNIST (pairs of digits), CLNP, fine-tuning and single-task (EWC with
   `--cnn-ewc-lambda`), with filters per layer per task.
 
-Outputs in `--out` (default benchmarks/results): continual.json, continual.md and PNG plots.
+Outputs in `--out` (default benchmarks/results for a full run of every method, else a new temporary folder):
+continual.json, continual.md and PNG plots.
 
     python benchmarks/continual.py --data-dir ../shared/data            # the full run (hours on 2 CPU cores)
     python benchmarks/continual.py --data-dir ../shared/data --quick    # about a minute
@@ -77,17 +78,19 @@ import torch.nn.functional as F  # noqa: E402
 from trainer.clnp import (  # noqa: E402
     FREE,
     CapacityExhaustedError,
+    PRESETS,
     CLNPConfig,
-    _Trainer,
     accuracy,
     check_capacity,
     learn_task,
     new_owners,
+    preset,
     task_masks,
 )
 from trainer.data import load_source  # noqa: E402
 from trainer.network import MaskedNetwork, NetworkSpec, parse_network_spec  # noqa: E402
 from trainer.pipeline import fit_to_network  # noqa: E402
+from trainer.training import TaskTrainer  # noqa: E402
 
 PUBLISHED = {  # Golkar, Kagan & Cho 2019, permuted MNIST, 10 tasks (average test accuracy, percent)
     "source": "Golkar, Kagan, Cho: Continual Learning via Neural Pruning (2019), permuted MNIST, 10 tasks",
@@ -98,8 +101,7 @@ PUBLISHED = {  # Golkar, Kagan & Cho 2019, permuted MNIST, 10 tasks (average tes
 }
 PROBE_SAMPLES = 256
 
-FULL = dict(tasks=10, network="mlp:784-2000-2000", epochs=CLNPConfig().epochs, limit=None,
-            batch_size=CLNPConfig().batch_size, ewc_lambdas="100,1000,10000", ewc_select_tasks=3,
+FULL = dict(tasks=10, network="mlp:784-2000-2000", epochs=None, limit=None, batch_size=None, ewc_lambdas="100,1000,10000", ewc_select_tasks=3,
             ewc_fisher_samples=1000, sweep_max_drop="0,0.1,0.5,1", sweep_tasks=3, sweep_epochs=None,
             cnn_network="cnn:1x28x28-c32-c64-d256", cnn_tasks=5, cost_steps=100, cost_rounds=3)
 QUICK = dict(tasks=3, network="mlp:784-64-64", epochs=1, limit=1000, batch_size=64, ewc_lambdas="10,1000",
@@ -164,23 +166,10 @@ def _ones(net: MaskedNetwork, device) -> list[torch.Tensor]:
 
 def train_epochs(net: MaskedNetwork, task: int, x: torch.Tensor, y: torch.Tensor, params: list, cfg: CLNPConfig,
                  generator: torch.Generator, masks: list[torch.Tensor], penalty=None) -> None:
-    """Adam over (x, y) with CLNP's schedule (lr, batch, epochs, lr_decay for the last quarter)."""
-    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
-    epochs = cfg.epochs
-    decay_from = math.ceil(epochs * 0.75) if epochs >= 2 else epochs
-    for epoch in range(epochs):
-        if epoch == decay_from:
-            for g in opt.param_groups:
-                g["lr"] = cfg.learning_rate * cfg.lr_decay
-        order = torch.randperm(len(x), generator=generator).to(x.device)
-        for s in range(0, len(x), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            loss = F.cross_entropy(net(x[idx], task, masks), y[idx])
-            if penalty is not None:
-                loss = loss + penalty()
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            opt.step()
+    """Adam over (x, y) with CLNP's dense-phase schedule (epochs, learning rate and its schedule, dropout)."""
+    trainer = TaskTrainer(net, [], task, cfg.seed, cfg.batch_size, generator=generator)
+    trainer.run_epochs(x, y, replace(cfg.dense_plan(), alpha=0.0), params, [None] * len(params), masks,
+                       extra_loss=penalty, desc="baseline")
 
 
 class CLNPLearner:
@@ -620,16 +609,18 @@ def training_cost(spec, cfg, args, seed) -> dict:
     net.to_device(args.device)
     owners = [o.to(args.device) for o in new_owners(net)]
     ccfg = replace(cfg, epochs=1, seed=seed)
-    trainer = _Trainer(net, owners, 0, ccfg, False)
+    trainer = TaskTrainer(net, owners, 0, seed, cfg.batch_size)
     plain_params = [*net.weights, *net.biases, net.head_weights[0], net.head_biases[0]]
     ones = _ones(net, args.device)
+    clnp_params, clnp_masks = trainer.free_unit_parameters()
+    free = [(o == FREE).float() for o in owners]
 
-    def clnp_block() -> float:
-        return sum(trainer.train_free_units(x, y))  # grad masks + L1 penalty on FREE units, as in learn_task
+    def clnp_block() -> float:  # grad masks (+ the L1 penalty on FREE units when alpha > 0), as in learn_task
+        return sum(trainer.run_epochs(x, y, ccfg.dense_plan(), clnp_params, clnp_masks, ones, penalty_units=free))
 
     def plain_block() -> float:
-        return sum(trainer._epochs(x, y, 1, ccfg.learning_rate, plain_params, [None] * len(plain_params), ones,
-                                   None, "plain"))
+        return sum(trainer.run_epochs(x, y, replace(ccfg.dense_plan(), alpha=0.0), plain_params,
+                                      [None] * len(plain_params), ones, desc="plain"))
 
     clnp_block(), plain_block()  # warm-up
     c, p = [], []
@@ -641,9 +632,10 @@ def training_cost(spec, cfg, args, seed) -> dict:
     return {"network": str(spec), "batch_size": cfg.batch_size, "steps_per_block": steps, "rounds": rounds,
             "clnp_samples_per_second": c, "plain_samples_per_second": p,
             "clnp_median": cm, "plain_median": pm, "clnp_time_over_plain_time": pm / cm,
-            "what": "CLNP: _Trainer.train_free_units (all units FREE: grad masks on every hidden parameter, "
-                    "L1 penalty on FREE activations); plain: the same _Trainer._epochs loop with no grad masks "
-                    "and no penalty; blocks interleaved, order alternating per round, one warm-up block each"}
+            "what": "CLNP: TaskTrainer.run_epochs over free_unit_parameters (all units FREE: grad masks on every "
+                    "hidden parameter, the L1 penalty on FREE activations when alpha > 0); plain: the same loop with "
+                    "no grad masks and no penalty; blocks interleaved, order alternating per round, one warm-up "
+                    "block each"}
 
 
 # ============================================================================ output
@@ -953,13 +945,17 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder holding mnist/ (e.g. ../shared/data); else $CLNP_DATA_DIR")
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"), help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder; default: benchmarks/results for a full run of every method (and for "
+                        "--merge), a new temporary folder for --quick and partial runs, so committed results stay")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="CLNP method preset (trainer.clnp.PRESETS); every method uses its dense-phase schedule")
     p.add_argument("--quick", action="store_true", help="a small run (about a minute): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--tasks", type=int, help=f"permuted-MNIST tasks (default {FULL['tasks']})")
     p.add_argument("--network", help=f"MLP spec (default {FULL['network']})")
-    p.add_argument("--epochs", type=int, help=f"epochs per task, every method (default CLNPConfig().epochs = {FULL['epochs']})")
+    p.add_argument("--epochs", type=int, help="epochs per task, every method (default: the preset's)")
     p.add_argument("--limit", type=int, help="training samples per task (load_source(limit=...)); default all")
-    p.add_argument("--batch-size", type=int, help=f"batch size, every method (default {FULL['batch_size']})")
+    p.add_argument("--batch-size", type=int, help="batch size, every method (default: the preset's)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds: init, data order, validation hold-out")
     p.add_argument("--ewc-lambdas", help=f"EWC lambda grid (default {FULL['ewc_lambdas']})")
     p.add_argument("--ewc-select-tasks", type=int, help=f"tasks used to choose lambda (default {FULL['ewc_select_tasks']})")
@@ -1009,6 +1005,15 @@ def parse_args(argv):
         p.error("--cnn-tasks must be 1..5")
     if args.tasks < 1:
         p.error("--tasks must be >= 1")
+    if args.out is None:
+        full = not args.quick and set(methods) == set(METHOD_FLAGS)
+        if full or args.merge:
+            args.out = str(REPO_ROOT / "benchmarks" / "results")
+        else:
+            import tempfile
+
+            args.out = tempfile.mkdtemp(prefix="clnp-continual-")
+            print(f"writing to {args.out} (a quick or partial run; --out to choose)", file=sys.stderr)
     return args
 
 
@@ -1034,7 +1039,7 @@ def _run(args) -> dict:
     spec = parse_network_spec(args.network)
     if spec.family != "mlp":
         raise SystemExit(f"--network must be an MLP spec for permuted MNIST, got {args.network}")
-    cfg = replace(CLNPConfig(), epochs=args.epochs, batch_size=args.batch_size)
+    cfg = preset(args.preset, epochs=args.epochs, batch_size=args.batch_size)
     sources = [f"permuted-mnist:{i}" for i in range(1, args.tasks + 1)]
     seeds = args.seed_list
     settings = {k: v for k, v in vars(args).items() if k != "seed_list"}
@@ -1281,12 +1286,14 @@ def _time_network(spec: NetworkSpec, cfg: CLNPConfig, device: str, steps: int = 
     b = cfg.batch_size
     x = torch.rand(steps * b, *spec.input_shape, device=device)
     y = torch.randint(0, 10, (steps * b,), device=device)
-    tr = _Trainer(net, owners, 0, replace(cfg, epochs=1), False)
+    tr = TaskTrainer(net, owners, 0, cfg.seed, b)
+    plan = replace(cfg, epochs=1).dense_plan()
     plain = [*net.weights, *net.biases, net.head_weights[0], net.head_biases[0]]
+    params, grad_masks = tr.free_unit_parameters()
     ones = _ones(net, device)
-    tr.train_free_units(x[:b], y[:b])  # warm-up
-    clnp_step = sum(tr.train_free_units(x, y)) / steps
-    plain_step = sum(tr._epochs(x, y, 1, cfg.learning_rate, plain, [None] * len(plain), ones, None, "plain")) / steps
+    tr.run_epochs(x[:b], y[:b], plan, params, grad_masks, ones)  # warm-up
+    clnp_step = sum(tr.run_epochs(x, y, plan, params, grad_masks, ones)) / steps
+    plain_step = sum(tr.run_epochs(x, y, replace(plan, alpha=0.0), plain, [None] * len(plain), ones)) / steps
     xe = torch.rand(2048, *spec.input_shape, device=device)
     t0 = time.perf_counter()
     accuracy(net, xe, torch.zeros(2048, dtype=torch.int64, device=device), 0, ones)

@@ -41,8 +41,8 @@ class CapacityReport:
 def capacity_report(manifest: Manifest) -> CapacityReport:
     """Per-layer and per-task unit accounting of one version.
 
-    The estimate of further tasks assumes each needs as many new units per layer as the last task
-    took; the tightest layer decides.
+    The estimate of further tasks is `forecast_additional_tasks`: the recent tasks' mean new units per
+    layer; the tightest layer decides.
     """
     layers = tuple(
         LayerCapacity(
@@ -65,21 +65,42 @@ def capacity_report(manifest: Manifest) -> CapacityReport:
     )
     if not manifest.tasks:
         return CapacityReport(manifest.version, layers, tasks, None, "no task learned yet")
-    last = manifest.tasks[-1]
+    n, basis = forecast_additional_tasks(
+        {l.name: l.units for l in manifest.layers}, {l.name: l.free for l in manifest.layers},
+        [{l.name: l.owned_by(t.index) for l in manifest.layers} for t in manifest.tasks],
+        [t.name for t in manifest.tasks])
+    return CapacityReport(manifest.version, layers, tasks, n, basis)
+
+
+FORECAST_WINDOW = 3  # recent tasks whose new units per layer are averaged into "a task like these"
+
+
+def forecast_additional_tasks(layer_units: dict[str, int], free: dict[str, int], owned_per_task: list[dict[str, int]],
+                              task_names: list[str] | None = None) -> tuple[float, str]:
+    """How many more tasks fit, and the assumption it rests on, in words.
+
+    Assumes each new task takes, per layer, the mean of the new units the last FORECAST_WINDOW tasks took
+    (units a task owns; units it reuses cost nothing); a task fits while every layer has that many FREE
+    units, so the tightest layer decides. math.inf when the recent tasks took no unit at all.
+    """
+    recent = owned_per_task[-FORECAST_WINDOW:]
+    names = task_names[-FORECAST_WINDOW:] if task_names else [f"task {len(owned_per_task) - len(recent) + i}"
+                                                              for i in range(len(recent))]
+    who = names[0] if len(recent) == 1 else f"the last {len(recent)} tasks ({', '.join(names)})"
+    full = [n for n in layer_units if free[n] == 0]
+    if full:
+        return 0.0, f"{', '.join(full)} has no free unit left"
     fits = []
-    for l in manifest.layers:
-        need = l.owned_by(last.index)
+    for n in layer_units:
+        need = sum(o[n] for o in recent) / len(recent)
         if need > 0:
-            fits.append((l.free // need, l.name, need))
+            fits.append((int(free[n] // need), n, need))
     if not fits:
-        basis = f"the last task ({last.name}) took no new unit in any layer"
-        return CapacityReport(manifest.version, layers, tasks, math.inf, basis)
-    n, layer, need = min(fits)
-    basis = f"if each new task needs as many units as {last.name} took; {layer} limits ({need} units per task)"
-    if any(l.free == 0 for l in manifest.layers):
-        full = [l.name for l in manifest.layers if l.free == 0]
-        n, basis = 0, f"{', '.join(full)} has no free unit left"
-    return CapacityReport(manifest.version, layers, tasks, float(n), basis)
+        return math.inf, f"{who} took no new unit in any layer"
+    count, layer, need = min(fits)
+    per_layer = ", ".join(f"{n} {sum(o[n] for o in recent) / len(recent):.0f}" for n in layer_units)
+    return float(count), (f"if each new task takes as many new units as {who} did on average ({per_layer}); "
+                          f"{layer} limits ({free[layer]} free / {need:.0f} per task)")
 
 
 def format_capacity(report: CapacityReport) -> str:
@@ -100,7 +121,7 @@ def format_capacity(report: CapacityReport) -> str:
     lines.append("")
     est = report.estimated_additional_tasks
     est_text = "unknown" if est is None else ("unbounded" if math.isinf(est) else str(int(est)))
-    lines.append(f"more tasks like the last that fit: {est_text} ({report.estimate_basis})")
+    lines.append(f"more tasks like the recent ones that fit: {est_text} ({report.estimate_basis})")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ from dataclasses import fields
 
 import click
 
-from trainer.clnp import CLNPConfig
+from trainer.clnp import PRESETS as _PRESETS, CLNPConfig
+from trainer.pruning import SCHEDULES as _SCHEDULES, SCORES as _SCORES
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
@@ -24,12 +25,13 @@ _DEFAULTS = CLNPConfig()
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from serving.repository import RepositoryError
-    from trainer.clnp import CapacityExhaustedError
+    from trainer.clnp import CapacityExhaustedError, ConfigError
     from trainer.data import DataError
     from trainer.network import NetworkSpecError
     from trainer.pipeline import InputMismatchError
 
-    return (RepositoryError, DataError, NetworkSpecError, InputMismatchError, CapacityExhaustedError, KeyError)
+    return (RepositoryError, DataError, NetworkSpecError, InputMismatchError, CapacityExhaustedError, ConfigError,
+            KeyError)
 
 
 def _fail(message: str, code: int) -> None:
@@ -73,20 +75,40 @@ def cli(verbose: bool) -> None:
 @click.option("--network", "-n", default=None,
               help="Network spec for the first task, e.g. mlp:784-2000-2000 (default) or cnn:1x28x28-c32-c64-d256. "
                    "Later tasks use the repository's network; if given again it must match.")
-@click.option("--epochs", type=click.IntRange(min=1), default=_DEFAULTS.epochs, show_default=True,
-              help="Training epochs on the new task.")
-@click.option("--max-drop", type=click.FloatRange(min=0, max=100), default=_DEFAULTS.max_drop, show_default=True,
-              help="Graceful forgetting: validation accuracy points pruning may cost the new task.")
-@click.option("--alpha", type=click.FloatRange(min=0), default=_DEFAULTS.alpha, show_default=True,
-              help="L1 penalty on free units' mean activation per layer (higher: fewer units per task).")
-@click.option("--learning-rate", "--lr", type=click.FloatRange(min=0, min_open=True),
-              default=_DEFAULTS.learning_rate, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True,
-              help="Samples per training step.")
-@click.option("--finetune-epochs", type=click.IntRange(min=0), default=_DEFAULTS.finetune_epochs, show_default=True,
-              help="Epochs of fine-tuning the task's units after pruning.")
-@click.option("--reuse-max-drop", type=click.FloatRange(min=0, max=100), default=_DEFAULTS.reuse_max_drop,
-              show_default=True, help="Accuracy points the connection pruning behind the reuse measure may cost.")
+@click.option("--preset", type=click.Choice(sorted(_PRESETS)), default="default", show_default=True,
+              help="Method settings to start from: default (dropout, Taylor-scored iterative pruning with "
+                   "distilled recovery), fast (the same on about a quarter of the time), reference (the earlier "
+                   "method: L1 penalty, activity scores, one-shot pruning). Options below override it.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help=f"Training epochs on the new task before pruning [default: {_DEFAULTS.epochs}].")
+@click.option("--max-drop", type=click.FloatRange(min=0, max=100), default=None,
+              help=f"Graceful forgetting: validation accuracy points pruning may cost the new task "
+                   f"[default: {_DEFAULTS.max_drop}].")
+@click.option("--score", type=click.Choice(sorted(_SCORES)), default=None,
+              help=f"How units are ranked for pruning [default: {_DEFAULTS.score}].")
+@click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,
+              help=f"Pruning schedule: iterative (prune a share, retrain, repeat) or one-shot (bisection, no "
+                   f"retraining) [default: {_DEFAULTS.schedule}].")
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help=f"Dropout on hidden units while training [default: {_DEFAULTS.dropout}].")
+@click.option("--alpha", type=click.FloatRange(min=0), default=None,
+              help=f"L1 penalty on free units' mean activation per layer [default: {_DEFAULTS.alpha}].")
+@click.option("--distill", type=click.FloatRange(min=0, max=1), default=None,
+              help=f"Weight of distillation from the unpruned network while retraining [default: {_DEFAULTS.distill}].")
+@click.option("--learning-rate", "--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"Adam learning rate [default: {_DEFAULTS.learning_rate}].")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]), default=None,
+              help=f"Learning-rate schedule of the training epochs [default: {_DEFAULTS.lr_schedule}].")
+@click.option("--recovery-epochs", type=click.FloatRange(min=0), default=None,
+              help=f"Iterative schedule: at most this many epochs of retraining after each pruning step "
+                   f"[default: {_DEFAULTS.recovery_epochs}].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help=f"Samples per training step [default: {_DEFAULTS.batch_size}].")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=None,
+              help=f"Epochs of fine-tuning the task's units after pruning [default: {_DEFAULTS.finetune_epochs}].")
+@click.option("--reuse-max-drop", type=click.FloatRange(min=0, max=100), default=None,
+              help=f"Accuracy points the connection pruning behind the reuse measure may cost "
+                   f"[default: {_DEFAULTS.reuse_max_drop}].")
 @click.option("--no-connection-pruning", is_flag=True,
               help="Skip pruning the task's connections from earlier units (then 'reused' counts every "
                    "earlier unit connected at all).")
@@ -104,9 +126,9 @@ def cli(verbose: bool) -> None:
               help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def add_task_cmd(repository, task, source, network, epochs, max_drop, alpha, learning_rate, batch_size,
-                 finetune_epochs, reuse_max_drop, no_connection_pruning, limit, seed, data_dir, label_column, retention, device,
-                 as_json, progress):
+def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha, distill,
+                 learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
+                 no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
     The first call creates the repository and the network. Every earlier task is checked to be
@@ -119,9 +141,13 @@ def add_task_cmd(repository, task, source, network, epochs, max_drop, alpha, lea
 
         if not torch.cuda.is_available():
             _fail("--device cuda: no CUDA device is available to this torch build; use --device cpu", EXIT_USER_ERROR)
-    config = CLNPConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, alpha=alpha,
-                        max_drop=max_drop, finetune_epochs=finetune_epochs,
-                        prune_connections=not no_connection_pruning, reuse_max_drop=reuse_max_drop, seed=seed)
+    from trainer.clnp import preset as make_config
+
+    config = _run(lambda: make_config(
+        preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
+        dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, distill=distill,
+        recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, reuse_max_drop=reuse_max_drop,
+        prune_connections=False if no_connection_pruning else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress
     result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,
                                    data_dir=data_dir, label_column=label_column, retention=retention,
@@ -142,7 +168,8 @@ def add_task_cmd(repository, task, source, network, epochs, max_drop, alpha, lea
     click.echo(f"published version {m.version} to {repository}: task {record.name!r} (index {record.index}, "
                f"{len(record.classes)} classes, from {record.source})")
     click.echo(f"  accuracy: test {test}, validation {record.validation_accuracy:.2f}% "
-               f"(before pruning {o.dense_validation_accuracy:.2f}%, max drop {max_drop} points)")
+               f"(before pruning {o.dense_validation_accuracy:.2f}%, max drop {config.max_drop} points, "
+               f"{o.prune_steps} pruning step(s))")
     for l in m.layers:
         click.echo(f"  {l.name}: kept {o.units_kept[l.name]:>5} units, reuses {o.reused[l.name]:>5} earlier, "
                    f"{l.free:>5} of {l.units} free")

@@ -1,18 +1,19 @@
 """Continual Learning via Neural Pruning: learn one task into the FREE units of a shared network.
 
 Ownership: `owners[i]` is an int64 tensor (units_i,) holding, per unit of hidden layer i, the index of
-the task that owns it or FREE (-1). Task t's mask is "owned by a task <= t".
+the task that owns it or FREE (-1). Task t's mask is "owned by a task <= t" (serving.contract.visible_to).
 
 Learning task t (see `learn_task`):
 1. FREE units get fresh incoming weights and biases; task t gets a fresh head.
-2. Train with Adam on cross-entropy + alpha * L1 of the FREE units' activations. Only FREE units'
-   incoming weights/biases and head t receive gradients (a fresh optimizer, no weight decay: entries
-   whose gradient is always zero stay bit-identical). Earlier units' rows are never touched, and
-   their incoming connections from FREE units are zero and stay zero.
-3. Prune with graceful forgetting: each FREE unit's activity is its mean activation over the training
-   data; per layer, the least active units go back to FREE, as many as keep validation accuracy within
-   `max_drop` points of the unpruned network (the budget is shared out over the layers in order).
-   The rest become task t's; pruned units' incoming and outgoing connections are zeroed.
+2. Train with Adam on cross-entropy (with dropout on the hidden units, optionally + alpha * L1 of the FREE
+   units' activations). Only FREE units' incoming weights/biases and head t receive gradients (a fresh
+   optimizer, no weight decay: entries whose gradient is always zero stay bit-identical). Earlier units'
+   rows are never touched, and their incoming connections from FREE units are zero and stay zero.
+3. Prune with graceful forgetting: a unit score (`config.score`, see trainer.pruning) and a schedule
+   (`config.schedule`) decide which FREE units the task keeps while validation accuracy stays within
+   `max_drop` points of the unpruned (dense) network. The iterative schedule retrains after each step,
+   distilling from the dense network's logits. The kept units become task t's; pruned units' incoming
+   and outgoing connections are zeroed.
 4. Fine-tune task t's units (connections from FREE units held at zero), kept only if it helps.
 5. Connection pruning for the reuse measure: task t's connections from earlier tasks' units are pruned
    by magnitude while validation accuracy stays within `reuse_max_drop` points of the fine-tuned
@@ -23,39 +24,104 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from serving.contract import FREE, visible_to
 from trainer.network import MaskedNetwork
+from trainer.pruning import SCHEDULES, SCORES, PruneContext, restore, schedule_for
+from trainer.training import LR_SCHEDULES, EpochPlan, TaskTrainer
 
 logger = logging.getLogger(__name__)
-
 
 
 class CapacityExhaustedError(Exception):
     """A hidden layer has no FREE unit left, so no further task can be learned."""
 
 
+class ConfigError(ValueError):
+    """A CLNPConfig value outside what is allowed; the message says what is."""
+
+
 @dataclass(frozen=True)
 class CLNPConfig:
-    epochs: int = 4  # passes over the training data while learning the task
-    learning_rate: float = 0.002  # Adam's step size (the paper's setup)
+    """How one task is learned and pruned. Defaults are the "default" preset (see PRESETS)."""
+
+    epochs: int = 10  # passes over the training data while learning the task (dense phase)
+    learning_rate: float = 0.001  # Adam's step size in the dense phase
+    lr_schedule: str = "cosine"  # dense phase: "cosine" (to 0), "step" (x lr_decay for the last quarter), "constant"
+    lr_decay: float = 0.1  # the "step" schedule's factor
     batch_size: int = 256  # samples per step (the paper's setup)
-    alpha: float = 1.0  # L1 penalty on FREE units' activations: alpha * mean over a layer's units (width-independent)
-    lr_decay: float = 0.1  # learning rate factor for the last quarter of the epochs (when epochs >= 2)
-    max_drop: float = 1.0  # graceful forgetting: validation accuracy points the pruning may cost
-    finetune_epochs: int = 2  # epochs of fine-tuning the kept units after pruning (0: none)
-    finetune_lr: float = 0.001  # Adam's step size while fine-tuning
+    dropout: float = 0.2  # probability of dropping a hidden unit's activation in each training step
+    alpha: float = 0.0  # L1 penalty on FREE units' activations: alpha * mean over a layer's units (width-independent)
+    score: str = "taylor"  # unit score for pruning: "taylor", "activity" or "magnitude"
+    schedule: str = "iterative"  # pruning schedule: "iterative" (prune, recover, repeat) or "one-shot" (bisection)
+    max_drop: float = 0.2  # graceful forgetting: validation accuracy points pruning may cost the dense network
+    prune_fraction: float = 0.5  # iterative: share of each layer's remaining units the first step removes
+    min_prune_fraction: float = 0.05  # iterative: failed steps halve the share; stop below this
+    max_prune_steps: int = 12  # iterative: stop after this many steps
+    recovery_epochs: float = 1.0  # iterative: at most this many epochs of retraining after each step
+    recovery_lr: float = 0.0005  # iterative: Adam's step size while retraining after a step
+    distill: float = 0.5  # weight of distillation from the dense network while retraining and fine-tuning (0: off)
+    distill_temperature: float = 2.0  # softening of both networks' logits in the distillation term
+    finetune_epochs: int = 1  # epochs of fine-tuning the kept units after pruning (0: none)
+    finetune_lr: float = 0.0005  # Adam's step size while fine-tuning
     prune_connections: bool = True  # prune task connections from earlier units by magnitude (reuse measure)
     reuse_max_drop: float = 0.1  # accuracy points that connection pruning may cost, from the fine-tuned accuracy
-    activity_samples: int = 10000  # training samples used to measure each unit's mean activation
-    seed: int = 0  # seeds initialisation and data order
+    activity_samples: int = 10000  # training samples a unit score looks at
+    seed: int = 0  # seeds initialisation, data order and dropout
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ConfigError(f"unknown unit score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown pruning schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
+        if not 0 <= self.distill <= 1:
+            raise ConfigError(f"distill {self.distill} must be in [0, 1]")
+        if not 0 < self.prune_fraction < 1 or not 0 < self.min_prune_fraction <= self.prune_fraction:
+            raise ConfigError("prune fractions must satisfy 0 < min_prune_fraction <= prune_fraction < 1")
+
+    def dense_plan(self) -> EpochPlan:
+        return EpochPlan(self.epochs, self.learning_rate, self.lr_schedule, self.lr_decay, self.dropout, self.alpha)
+
+    def recovery_plan(self) -> EpochPlan:
+        return EpochPlan(self.recovery_epochs, self.recovery_lr, "constant", dropout=self.dropout,
+                         distill=self.distill, temperature=self.distill_temperature, check_every=0.25)
+
+    def finetune_plan(self) -> EpochPlan:
+        return EpochPlan(self.finetune_epochs, self.finetune_lr, "step" if self.finetune_epochs >= 2 else "constant",
+                         self.lr_decay, self.dropout, distill=self.distill, temperature=self.distill_temperature)
+
+
+# Named starting points; any option given next to a preset overrides it.
+PRESETS: dict[str, CLNPConfig] = {
+    # Dropout, 10 cosine epochs, no L1 penalty; Taylor-scored iterative pruning with recovery distilled from
+    # the dense network. Chosen by measurement (README.md, "Method").
+    "default": CLNPConfig(),
+    # The same method on a quarter of the budget: 3 dense epochs, half-epoch recoveries, bigger first step.
+    "fast": CLNPConfig(epochs=3, learning_rate=0.002, recovery_epochs=0.5, prune_fraction=0.6, finetune_epochs=0),
+    # The method before: L1 activity penalty, mean-activity scores, one-shot bisection, 4 step-decay epochs.
+    "reference": CLNPConfig(epochs=4, learning_rate=0.002, lr_schedule="step", dropout=0.0, alpha=1.0,
+                            score="activity", schedule="one-shot", max_drop=1.0, distill=0.0, finetune_epochs=2,
+                            finetune_lr=0.001),
+}
+
+
+def preset(name: str, **overrides) -> CLNPConfig:
+    """The named preset with `overrides` applied (None values ignored); raises ConfigError for an unknown name."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(CLNPConfig)}
+    bad = set(overrides) - known
+    if bad:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(bad))}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
@@ -71,6 +137,7 @@ class TaskOutcome:
     connections_pruned: dict[str, float]  # layer -> fraction of task t's connections from earlier units pruned
     epoch_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    prune_steps: int = 0  # pruning steps the schedule tried
 
 
 def new_owners(net: MaskedNetwork) -> list[torch.Tensor]:
@@ -108,105 +175,6 @@ def _in_units_view(w: torch.Tensor, in_units: int) -> torch.Tensor:
     return w.reshape(w.shape[0], in_units, -1)
 
 
-def _column_mask(w: torch.Tensor, in_units: int, keep_in: torch.Tensor) -> torch.Tensor:
-    """A {0,1} tensor shaped like w that is 1 on the connections coming from input units where keep_in."""
-    m = keep_in.float().reshape(1, in_units, 1).expand(w.shape[0], in_units, w.numel() // (w.shape[0] * in_units))
-    return m.reshape(w.shape)
-
-
-def _row_mask(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return rows.float().reshape(-1, *([1] * (w.dim() - 1))).expand_as(w)
-
-
-class _Trainer:
-    """One task's learning run; keeps the grad masks and data together."""
-
-    def __init__(self, net: MaskedNetwork, owners: list[torch.Tensor], task: int, config: CLNPConfig,
-                 show_progress: bool):
-        self.net, self.owners, self.task, self.config = net, owners, task, config
-        self.show_progress = show_progress
-        self.generator = torch.Generator().manual_seed(config.seed)
-
-    def _epochs(self, x, y, epochs, lr, params, grad_masks, masks, penalty_units, desc) -> list[float]:
-        """Run Adam over (x, y); grads are multiplied by grad_masks; returns seconds per epoch."""
-        net, cfg = self.net, self.config
-        opt = torch.optim.Adam(params, lr=lr)  # fresh state: a zero-gradient entry never moves
-        times = []
-        decay_from = math.ceil(epochs * 0.75) if epochs >= 2 else epochs
-        for epoch in range(epochs):
-            if epoch == decay_from:
-                for g in opt.param_groups:
-                    g["lr"] = lr * cfg.lr_decay
-            t0 = time.perf_counter()
-            order = torch.randperm(len(x), generator=self.generator).to(x.device)
-            steps = range(0, len(x), cfg.batch_size)
-            bar = tqdm(steps, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not self.show_progress,
-                       leave=False, unit="step")
-            for s in bar:
-                idx = order[s:s + cfg.batch_size]
-                xb, yb = x[idx], y[idx]
-                acts = net.hidden(net.preprocess(xb, self.task), masks)
-                logits = net.features(acts) @ net.head_weights[self.task].T + net.head_biases[self.task]
-                loss = F.cross_entropy(logits, yb)
-                if penalty_units is not None and cfg.alpha > 0:
-                    for a, free in zip(acts, penalty_units):
-                        unit_act = a.mean(dim=(2, 3)) if a.dim() == 4 else a  # (B, units)
-                        loss = loss + cfg.alpha * (unit_act * free).mean()  # mean over batch and units
-                opt.zero_grad(set_to_none=False)
-                loss.backward()
-                for p, m in zip(params, grad_masks):
-                    if m is not None:
-                        p.grad.mul_(m)
-                opt.step()
-            times.append(time.perf_counter() - t0)
-        return times
-
-    def train_free_units(self, x, y) -> list[float]:
-        """Phase 2: learn task t in the FREE units and its head."""
-        net, t = self.net, self.task
-        free = [(o == FREE) for o in self.owners]
-        params, grad_masks = [], []
-        for i in range(len(net.weights)):
-            params += [net.weights[i], net.biases[i]]
-            grad_masks += [_row_mask(net.weights[i], free[i]), free[i].float()]
-        params += [net.head_weights[t], net.head_biases[t]]
-        grad_masks += [None, None]
-        masks = [torch.ones(len(o), device=o.device) for o in self.owners]  # every unit is an earlier task's or FREE
-        return self._epochs(x, y, self.config.epochs, self.config.learning_rate, params, grad_masks, masks,
-                            [f.float() for f in free], "train")
-
-    def finetune(self, x, y) -> list[float]:
-        """Phase 4: tune task t's own units and head; connections from FREE units stay zero."""
-        net, t = self.net, self.task
-        mine = [(o == t) for o in self.owners]
-        params, grad_masks = [], []
-        for i in range(len(net.weights)):
-            w = net.weights[i]
-            m = _row_mask(w, mine[i])
-            if i > 0:
-                m = m * _column_mask(w, len(self.owners[i - 1]), self.owners[i - 1] != FREE)
-            params += [w, net.biases[i]]
-            grad_masks += [m, mine[i].float()]
-        hw = net.head_weights[t]
-        params += [hw, net.head_biases[t]]
-        grad_masks += [_column_mask(hw, len(self.owners[-1]), self.owners[-1] != FREE), None]
-        return self._epochs(x, y, self.config.finetune_epochs, self.config.finetune_lr, params, grad_masks,
-                            task_masks(self.owners, t), None, "fine-tune")
-
-    @torch.no_grad()
-    def unit_activity(self, x) -> list[torch.Tensor]:
-        """Mean activation of every unit over (up to activity_samples of) the training data."""
-        net = self.net
-        x = x[: self.config.activity_samples]
-        masks = [torch.ones(len(o), device=o.device) for o in self.owners]
-        sums = [torch.zeros(len(o), dtype=torch.float64, device=o.device) for o in self.owners]
-        for s in range(0, len(x), 2048):
-            for i, a in enumerate(net.hidden(net.preprocess(x[s:s + 2048], self.task), masks)):
-                unit = a.mean(dim=(2, 3)) if a.dim() == 4 else a
-                sums[i] += unit.sum(0).double()
-        return [s / max(1, len(x)) for s in sums]
-
-
 def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
                show_progress: bool = False) -> tuple[list[torch.Tensor], TaskOutcome]:
     """Learn task `task` (its head already added to `net`) into the FREE units; returns new owners.
@@ -221,52 +189,47 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     names = net.spec.layer_names
     device = data.x_train.device
     owners = [o.to(device).clone() for o in owners]
-    tr = _Trainer(net, owners, task, config, show_progress)
+    tr = TaskTrainer(net, owners, task, config.seed, config.batch_size, show_progress)
     for i, o in enumerate(owners):
         net.reinit_units(i, (o == FREE).cpu(), generator=tr.generator)
 
-    epoch_seconds = tr.train_free_units(data.x_train, data.y_train)
-
-    # ---- 3. prune units by activity, with graceful forgetting --------------------------------
+    # ---- 2. learn the task in the FREE units (every unit visible) -------------------------------
     all_on = [torch.ones(len(o), device=device) for o in owners]
+    params, grad_masks = tr.free_unit_parameters()
+    free = [(o == FREE) for o in owners]
+    epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, all_on,
+                                  penalty_units=[f.float() for f in free], desc="train")
     dense_acc = accuracy(net, data.x_val, data.y_val, task, all_on)
-    activity = tr.unit_activity(data.x_train)
-    keep = [torch.ones(len(o), dtype=torch.bool, device=device) for o in owners]  # units visible to task t
-    pruned_count = {}
-    L = len(owners)
-    for i in range(L):
-        free_idx = torch.nonzero(owners[i] == FREE).flatten()
-        order = free_idx[torch.argsort(activity[i][free_idx], stable=True)]  # least active first
-        floor = dense_acc - config.max_drop * (i + 1) / L
+    teacher = tr.logits(data.x_train, all_on) if config.distill > 0 else None
 
-        def acc_with(k: int) -> float:
-            trial = [m.clone() for m in keep]
-            trial[i][order[:k]] = False
-            return accuracy(net, data.x_val, data.y_val, task, [m.float() for m in trial])
-
-        lo, hi = 0, len(order)  # largest k whose accuracy stays above the floor (k=0 always does)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if acc_with(mid) >= floor:
-                lo = mid
-            else:
-                hi = mid - 1
-        keep[i][order[:lo]] = False
-        pruned_count[names[i]] = lo
-    for i in range(L):
-        newly = (owners[i] == FREE) & keep[i]
-        owners[i][newly] = task
+    # ---- 3. prune with graceful forgetting --------------------------------------------------------
+    earlier = [o != FREE for o in owners]
+    ctx = PruneContext(
+        net=net, trainer=tr, task=task, x_train=data.x_train, y_train=data.y_train,
+        accuracy=lambda keep: accuracy(net, data.x_val, data.y_val, task, ctx.visible(keep)),
+        candidates=free, earlier=earlier, score_samples=config.activity_samples, recovery=config.recovery_plan(),
+        teacher=teacher,
+    )
+    schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps)
+    result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
+    epoch_seconds += result.epoch_seconds
+    pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}
+    for i in range(len(owners)):
+        owners[i][free[i] & result.keep[i]] = task
     _zero_free_connections(net, owners, task)
     pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
-    logger.info("task %d: dense %.2f%%, pruned %.2f%%", task, dense_acc, pruned_acc)
+    logger.info("task %d: dense %.2f%%, pruned %.2f%% after %d step(s), kept %s", task, dense_acc, pruned_acc,
+                result.steps, [int((o == task).sum()) for o in owners])
 
     # ---- 4. fine-tune the kept units ----------------------------------------------------------
     if config.finetune_epochs > 0:
         before = copy.deepcopy(net.state_tensors())
-        epoch_seconds += tr.finetune(data.x_train, data.y_train)
+        params, grad_masks = tr.own_unit_parameters()
+        epoch_seconds += tr.run_epochs(data.x_train, data.y_train, config.finetune_plan(), params, grad_masks,
+                                       task_masks(owners, task), teacher=teacher, desc="fine-tune")
         tuned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
         if tuned_acc < pruned_acc:  # keep the better of the two
-            _restore(net, before)
+            restore(net, before)
         else:
             pruned_acc = tuned_acc
 
@@ -287,6 +250,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         connections_pruned=fractions,
         epoch_seconds=epoch_seconds,
         seconds=time.perf_counter() - t0,
+        prune_steps=result.steps,
     )
     return owners, outcome
 
@@ -315,13 +279,6 @@ def _zero_free_connections(net: MaskedNetwork, owners: list[torch.Tensor], task:
                 else torch.ones(consumer.shape[0], dtype=torch.bool, device=o.device))
         view = _in_units_view(consumer, len(o))
         view[rows.nonzero().flatten().reshape(-1, 1), free.nonzero().flatten().reshape(1, -1)] = 0.0
-
-
-def _restore(net: MaskedNetwork, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        current = net.state_tensors()
-        for k, v in tensors.items():
-            current[k].copy_(v)
 
 
 @torch.no_grad()
@@ -377,6 +334,6 @@ def reuse_counts(net: MaskedNetwork, owners: list[torch.Tensor], task: int) -> d
 
 
 __all__ = [
-    "CLNPConfig", "TaskOutcome", "CapacityExhaustedError", "FREE", "new_owners", "task_masks",
+    "CLNPConfig", "ConfigError", "PRESETS", "preset", "TaskOutcome", "CapacityExhaustedError", "FREE", "new_owners", "task_masks",
     "accuracy", "learn_task", "check_capacity", "reuse_counts",
 ]

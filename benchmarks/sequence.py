@@ -1,0 +1,336 @@
+"""Resumable task sequences: CLNP (or the single-task reference) over permuted-MNIST tasks, one task at a time.
+
+Long runs (10 tasks x 3 seeds, or a 30-task lifetime) outlast a working session, so each finished task is
+saved before the next starts, and `run` started again on the same folder continues where it stopped.
+
+    python benchmarks/sequence.py run --out runs/clnp-s0 --tasks 10 --seed 0 --data-dir ../shared/data
+    python benchmarks/sequence.py run --out runs/single-s0 --method single --tasks 10 --seed 0 ...
+    python benchmarks/sequence.py report runs/clnp-s0 runs/clnp-s1 runs/single-s0 --out /tmp/report
+
+A run folder holds `run.json` (the `RunRecord`, readable) and, for CLNP, `state.safetensors`: the network,
+unit ownership and every task's probe logits, with the same `RunRecord` in its metadata. The state file is
+written to a temporary name and renamed, so it and the record it carries always agree; `run.json` is a copy.
+
+Task k (1-based) is `permuted-mnist:k`. CLNP learns through the trainer's public `learn_task`, exactly as
+`clnp-train add-task` does, without the repository and the ONNX export. After every task:
+- the test accuracy of every task so far (a row of the accuracy matrix),
+- the zero-forgetting check: every earlier task's logits on 256 test images are `torch.equal` to those
+  recorded right after it was learned (kept in the state, so the check spans resumes),
+- FREE units per layer, and the capacity forecast `clnp-train capacity` would print.
+The single-task reference trains a fresh network per task with CLNP's dense-phase schedule (same epochs,
+learning rate and its schedule, dropout, batch size), no pruning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from serving.capacity import forecast_additional_tasks  # noqa: E402
+from serving.contract import FREE  # noqa: E402
+from trainer.clnp import CapacityExhaustedError, CLNPConfig, accuracy, check_capacity, learn_task, new_owners, preset, task_masks  # noqa: E402,E501
+from trainer.data import load_source  # noqa: E402
+from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
+from trainer.pipeline import fit_to_network  # noqa: E402
+from trainer.training import TaskTrainer  # noqa: E402
+
+SCHEMA_VERSION = 1
+PROBE_SAMPLES = 256
+METHODS = ("clnp", "single")
+
+
+@dataclass
+class TaskResult:
+    """One learned task."""
+
+    index: int  # 0-based learning order
+    source: str
+    test_accuracy: float  # percent, right after learning it
+    validation_accuracy: float  # after pruning (CLNP) or training (single)
+    dense_validation_accuracy: float  # before pruning (equals validation_accuracy for single)
+    units_kept: dict[str, int]  # layer -> units the task owns (CLNP); all units (single)
+    free_after: dict[str, int]  # layer -> FREE units after the task (CLNP)
+    reused: dict[str, int]  # layer -> earlier units feeding the task (CLNP)
+    prune_steps: int
+    seconds: float  # wall time of learning the task (no evaluation)
+    forecast_after: dict = field(default_factory=dict)  # the capacity forecast after this task (CLNP)
+
+
+@dataclass
+class RunRecord:
+    """Everything a run has done so far; the same record for the report, the plots and a resume."""
+
+    schema_version: int
+    method: str  # "clnp" or "single"
+    preset: str
+    config: dict  # asdict(CLNPConfig)
+    network: str
+    tasks_planned: int
+    seed: int
+    limit: int | None  # training samples per task (None: all 54,000)
+    machine: dict
+    tasks: list[TaskResult] = field(default_factory=list)
+    accuracy_rows: list[list[float]] = field(default_factory=list)  # row j: test accuracy of tasks 0..j after task j
+    zero_forgetting: list[dict] = field(default_factory=list)  # {"task", "after_task", "identical"}
+    capacity_exhausted_at: int | None = None
+    sessions: int = 0  # how many times `run` started on this folder
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in ("method", "preset", "config", "network", "seed", "limit")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise SystemExit(f"error: run record schema {d.get('schema_version')} is not {SCHEMA_VERSION}")
+        d = dict(d)
+        d["tasks"] = [TaskResult(**t) for t in d.get("tasks", [])]
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskTensors:
+    source: str
+    num_classes: int
+    scale: torch.Tensor
+    shift: torch.Tensor
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_task(source: str, network: str, data_dir: str | None, limit: int | None, seed: int) -> TaskTensors:
+    spec = parse_network_spec(network)
+    d = load_source(source, data_dir=data_dir, limit=limit, seed=seed)
+
+    def feats(x):
+        return fit_to_network(x, spec, source)
+
+    def labels(y):
+        return torch.from_numpy(y.astype(np.int64))
+
+    shape = d.feature_shape
+    return TaskTensors(
+        source, d.num_classes,
+        torch.from_numpy(np.broadcast_to(d.preprocessing.scale, shape).astype(np.float32).copy()),
+        torch.from_numpy(np.broadcast_to(d.preprocessing.shift, shape).astype(np.float32).copy()),
+        feats(d.x_train), labels(d.y_train), feats(d.x_val), labels(d.y_val), feats(d.x_test), labels(d.y_test))
+
+
+# ---- state ------------------------------------------------------------------------------------------
+
+
+def save_state(out: Path, record: RunRecord, net: MaskedNetwork | None, owners, probes: dict[int, tuple]) -> None:
+    """Write the state (CLNP) and the record atomically: the state file carries the record it belongs to."""
+    text = json.dumps(asdict(record), indent=1)
+    if net is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_tensors().items()}
+        for i, o in enumerate(owners):
+            tensors[f"owners.{i}"] = o.cpu().contiguous()
+        for t, (x, logits) in probes.items():
+            tensors[f"probe.{t}.x"] = x.contiguous()
+            tensors[f"probe.{t}.logits"] = logits.contiguous()
+        tmp = out / "state.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"record": text})
+        os.replace(tmp, out / "state.safetensors")
+    tmp = out / "run.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "run.json")
+
+
+def load_state(out: Path, spec_text: str):
+    """(record, net, owners, probes) from a CLNP run folder's state file."""
+    from safetensors import safe_open
+
+    path = out / "state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        record = RunRecord.from_dict(json.loads(f.metadata()["record"]))
+    tensors = load_file(str(path))
+    spec = parse_network_spec(spec_text)
+    n = len(record.tasks)
+    net = MaskedNetwork.from_state(spec, tensors, n)
+    owners = [tensors[f"owners.{i}"] for i in range(len(spec.layers))]
+    probes = {t: (tensors[f"probe.{t}.x"], tensors[f"probe.{t}.logits"]) for t in range(n)}
+    return record, net, owners, probes
+
+
+# ---- running ----------------------------------------------------------------------------------------
+
+
+def run(args) -> RunRecord:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    overrides = {}
+    for kv in args.set or []:
+        key, _, value = kv.partition("=")
+        kind = {f.name: f.type for f in fields(CLNPConfig)}.get(key)
+        if kind is None:
+            raise SystemExit(f"error: --set {kv}: unknown option {key!r}")
+        overrides[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes"), "str": str}[kind](value)
+    config = preset(args.preset, seed=args.seed, **overrides)
+    fresh = RunRecord(SCHEMA_VERSION, args.method, args.preset, asdict(config), args.network, args.tasks, args.seed,
+                      args.limit, machine())
+    net, owners, probes = None, None, {}
+    if (out / "run.json").exists():
+        if args.method == "clnp":
+            record, net, owners, probes = load_state(out, args.network)
+        else:
+            record = RunRecord.from_dict(json.loads((out / "run.json").read_text()))
+        if record.settings() != fresh.settings():
+            raise SystemExit(f"error: {out} holds a run with other settings ({record.settings()}); "
+                             "use another --out or the same settings")
+        record.tasks_planned = max(record.tasks_planned, args.tasks)
+        log(f"resuming {out}: {len(record.tasks)} of {record.tasks_planned} tasks done")
+    else:
+        record = fresh
+        if args.method == "clnp":
+            torch.manual_seed(config.seed)  # as trainer.pipeline.add_task does for a new network
+            net = MaskedNetwork(parse_network_spec(args.network))
+            owners = new_owners(net)
+    record.sessions += 1
+    record.machine = machine()
+    tests: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def test_set(t: int):
+        if t not in tests:
+            d = load_task(f"permuted-mnist:{t + 1}", args.network, args.data_dir, args.limit, config.seed)
+            tests[t] = (d.x_test, d.y_test)
+        return tests[t]
+
+    for t in range(len(record.tasks), record.tasks_planned):
+        if record.capacity_exhausted_at is not None:
+            break
+        task = load_task(f"permuted-mnist:{t + 1}", args.network, args.data_dir, args.limit, config.seed)
+        tests[t] = (task.x_test, task.y_test)
+        if args.method == "clnp":
+            try:
+                check_capacity(net, owners)
+            except CapacityExhaustedError as e:
+                record.capacity_exhausted_at = t
+                log(f"capacity exhausted before task {t + 1}: {e}")
+                save_state(out, record, net, owners, probes)
+                break
+            result = learn_clnp(net, owners, t, task, config)
+            owners = result.pop("owners")
+            test_acc = accuracy(net, task.x_test, task.y_test, t, task_masks(owners, t))
+            with torch.no_grad():
+                for i, (xp, ref) in sorted(probes.items()):
+                    same = bool(torch.equal(net(xp, i, task_masks(owners, i)), ref))
+                    record.zero_forgetting.append({"task": i, "after_task": t, "identical": same})
+                xp = task.x_test[:PROBE_SAMPLES].clone()
+                probes[t] = (xp, net(xp, t, task_masks(owners, t)))
+            row = [accuracy(net, *test_set(i), i, task_masks(owners, i)) for i in range(t)] + [test_acc]
+            names = net.spec.layer_names
+            free_after = {n: int((o == FREE).sum()) for n, o in zip(names, owners)}
+            owned = [{n: int((o == k).sum()) for n, o in zip(names, owners)} for k in range(t + 1)]
+            n_more, basis = forecast_additional_tasks({n: l.units for n, l in zip(names, net.spec.layers)},
+                                                      free_after, owned)
+            result.update(test_accuracy=test_acc, free_after=free_after,
+                          forecast_after={"additional_tasks": None if n_more == float("inf") else n_more,
+                                          "basis": basis})
+        else:
+            result = learn_single(t, task, config, args.network)
+            row = [None] * t + [result["test_accuracy"]]
+            result.update(free_after={}, reused={})
+        record.tasks.append(TaskResult(index=t, source=task.source, **result))
+        record.accuracy_rows.append(row)
+        save_state(out, record, net if args.method == "clnp" else None, owners, probes)
+        done = record.tasks[-1]
+        avg = sum(r.test_accuracy for r in record.tasks) / len(record.tasks)
+        log(f"task {t + 1}/{record.tasks_planned}: test {done.test_accuracy:.2f}% (dense val "
+            f"{done.dense_validation_accuracy:.2f}, val {done.validation_accuracy:.2f}), kept {done.units_kept}, "
+            f"free {done.free_after}, {done.seconds:.0f}s; average so far {avg:.3f}")
+        del task
+    return record
+
+
+def learn_clnp(net: MaskedNetwork, owners, t: int, task: TaskTensors, config: CLNPConfig) -> dict:
+    index = net.add_head(task.num_classes, task.scale, task.shift,
+                         generator=torch.Generator().manual_seed(config.seed + 1))
+    if index != t:
+        raise RuntimeError(f"head {index} added for task {t}")
+    t0 = time.perf_counter()
+    new, outcome = learn_task(net, owners, index, task, config)
+    return {"owners": new, "validation_accuracy": outcome.validation_accuracy,
+            "dense_validation_accuracy": outcome.dense_validation_accuracy, "units_kept": dict(outcome.units_kept),
+            "reused": dict(outcome.reused), "prune_steps": outcome.prune_steps,
+            "seconds": time.perf_counter() - t0}
+
+
+def learn_single(t: int, task: TaskTensors, config: CLNPConfig, network: str) -> dict:
+    """A fresh network trained on the task alone with CLNP's dense-phase schedule."""
+    torch.manual_seed(config.seed)
+    net = MaskedNetwork(parse_network_spec(network))
+    net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(config.seed + 1))
+    trainer = TaskTrainer(net, new_owners(net), 0, config.seed, config.batch_size)
+    ones = [torch.ones(l.units) for l in net.spec.layers]
+    t0 = time.perf_counter()
+    trainer.run_epochs(task.x_train, task.y_train, config.dense_plan(), list(net.parameters()),
+                       [None] * len(list(net.parameters())), ones, desc="single-task")
+    seconds = time.perf_counter() - t0
+    val = accuracy(net, task.x_val, task.y_val, 0, ones)
+    return {"test_accuracy": accuracy(net, task.x_test, task.y_test, 0, ones), "validation_accuracy": val,
+            "dense_validation_accuracy": val, "units_kept": {n: l.units for n, l in zip(net.spec.layer_names, net.spec.layers)},
+            "prune_steps": 0, "seconds": seconds}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or continue) one sequence into a folder")
+    r.add_argument("--out", required=True, help="run folder; an existing one with the same settings is continued")
+    r.add_argument("--method", choices=METHODS, default="clnp")
+    r.add_argument("--preset", default="default", help="CLNP preset (default, fast, reference)")
+    r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="CLNPConfig fields overriding the preset")
+    r.add_argument("--tasks", type=int, default=10, help="permuted-MNIST tasks (permuted-mnist:1..N)")
+    r.add_argument("--seed", type=int, default=0, help="initialisation, data order, dropout, validation hold-out")
+    r.add_argument("--network", default="mlp:784-2000-2000")
+    r.add_argument("--limit", type=int, default=None, help="training samples per task (default: all)")
+    r.add_argument("--data-dir", default=os.environ.get("CLNP_DATA_DIR"), help="folder holding mnist/")
+    r.add_argument("--threads", type=int, default=1, help="torch threads (1: one process per core)")
+    rep = sub.add_parser("report", help="summarise run folders into JSON, markdown and plots")
+    rep.add_argument("runs", nargs="+", help="run folders")
+    rep.add_argument("--out", required=True, help="folder for sequence.json, sequence.md and the plots")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    from benchmarks.sequence_report import report_main
+
+    return report_main(args.runs, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

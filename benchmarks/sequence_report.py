@@ -1,0 +1,196 @@
+"""Summarise `benchmarks/sequence.py` run folders: one JSON, one markdown report, plots.
+
+Runs with the same settings but different seeds form a group (mean ± standard deviation over seeds).
+Every run is also a row: tasks done, average test accuracy, zero-forgetting checks, the largest share a
+task took, how far pruning went below the task's own dense accuracy, and the wall time per task.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.sequence import RunRecord
+
+PAPER = {"CLNP": 98.42, "CLNP std": 0.04, "single-task": 98.48}  # permuted MNIST, 10 tasks, 784-2000-2000
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    folder: str
+    label: str  # method, preset and any setting that differs from the preset
+    group: str  # label without the seed
+    method: str
+    seed: int
+    tasks_done: int
+    tasks_planned: int
+    all_fit: bool  # no capacity exhausted within the planned tasks
+    average_test_accuracy: float  # over the tasks done, each at the end of the run
+    zero_forgetting_checks: int
+    zero_forgetting_identical: int
+    max_units_per_task: dict  # layer -> the most units any task took
+    worst_drop_from_dense: float  # max over tasks of (dense validation - validation), points
+    max_drop: float
+    seconds_per_task: float
+    free_after_last: dict
+
+
+def _label(r: RunRecord, with_seed: bool) -> str:
+    from trainer.clnp import PRESETS
+
+    base = asdict(PRESETS[r.preset]) if r.preset in PRESETS else {}
+    diff = [f"{k}={v}" for k, v in r.config.items() if k != "seed" and base.get(k) != v]
+    parts = [r.method, r.preset] + diff + ([f"limit={r.limit}"] if r.limit else []) + [f"{r.tasks_planned} tasks"]
+    if with_seed:
+        parts.append(f"seed {r.seed}")
+    return " ".join(parts)
+
+
+def summarise(folder: Path, r: RunRecord) -> RunSummary:
+    last = r.accuracy_rows[-1] if r.accuracy_rows else []
+    finals = [a if a is not None else t.test_accuracy for a, t in zip(last, r.tasks)] if r.method == "clnp" \
+        else [t.test_accuracy for t in r.tasks]
+    layers = list(r.tasks[0].units_kept) if r.tasks else []
+    return RunSummary(
+        folder=str(folder), label=_label(r, True), group=_label(r, False), method=r.method, seed=r.seed,
+        tasks_done=len(r.tasks), tasks_planned=r.tasks_planned, all_fit=r.capacity_exhausted_at is None,
+        average_test_accuracy=sum(finals) / len(finals) if finals else float("nan"),
+        zero_forgetting_checks=len(r.zero_forgetting),
+        zero_forgetting_identical=sum(1 for z in r.zero_forgetting if z["identical"]),
+        max_units_per_task={n: max(t.units_kept[n] for t in r.tasks) for n in layers},
+        worst_drop_from_dense=max((t.dense_validation_accuracy - t.validation_accuracy for t in r.tasks), default=0.0),
+        max_drop=r.config["max_drop"],
+        seconds_per_task=sum(t.seconds for t in r.tasks) / max(1, len(r.tasks)),
+        free_after_last=dict(r.tasks[-1].free_after) if r.tasks else {},
+    )
+
+
+def forecast_check(r: RunRecord, after: int = 10) -> dict | None:
+    """The capacity forecast after task `after` against what the run then did."""
+    if r.method != "clnp" or len(r.tasks) <= after:
+        return None
+    f = r.tasks[after - 1].forecast_after
+    later = r.tasks[after:]
+    layers = list(r.tasks[0].free_after)
+    used = {n: r.tasks[after - 1].free_after[n] - r.tasks[-1].free_after[n] for n in layers}
+    per_task = {n: used[n] / len(later) for n in layers}
+    # tasks that fit at the observed rate: FREE after task `after` / observed units per task, tightest layer
+    observed = min(r.tasks[after - 1].free_after[n] / per_task[n] for n in layers if per_task[n] > 0) \
+        if any(per_task[n] > 0 for n in layers) else float("inf")
+    exhausted = r.capacity_exhausted_at
+    return {
+        "after_task": after, "forecast_additional_tasks": f.get("additional_tasks"), "basis": f.get("basis"),
+        "tasks_run_after": len(later), "capacity_exhausted_at_task": exhausted,
+        "actually_fit": (exhausted - after) if exhausted is not None else None,
+        "observed_new_units_per_task": per_task,
+        "additional_tasks_at_observed_rate": observed,
+        "free_after_last": r.tasks[-1].free_after,
+    }
+
+
+def report_main(folders: list[str], out: Path) -> dict:
+    records = []
+    for f in folders:
+        path = Path(f) / "run.json"
+        if not path.exists():
+            raise SystemExit(f"error: {f} has no run.json (not a run folder of benchmarks/sequence.py)")
+        records.append((Path(f), RunRecord.from_dict(json.loads(path.read_text()))))
+    rows = [summarise(f, r) for f, r in records]
+    groups: dict[str, list[RunSummary]] = {}
+    for s in rows:
+        groups.setdefault(s.group, []).append(s)
+    group_rows = []
+    for g, members in groups.items():
+        avgs = [m.average_test_accuracy for m in members]
+        group_rows.append({"group": g, "seeds": [m.seed for m in members], "mean": statistics.fmean(avgs),
+                           "std": statistics.stdev(avgs) if len(avgs) > 1 else 0.0, "per_seed": avgs,
+                           "tasks_done": [m.tasks_done for m in members]})
+    result = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "paper": PAPER,
+        "groups": group_rows,
+        "runs": [asdict(s) for s in rows],
+        "forecasts": [fc | {"folder": str(f)} for f, r in records if (fc := forecast_check(r)) is not None],
+        "records": {str(f): asdict(r) for f, r in records},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sequence.json").write_text(json.dumps(result, indent=1))
+    plots = make_plots(records, out)
+    (out / "sequence.md").write_text(markdown(result, plots))
+    print(f"wrote {out / 'sequence.json'}, {out / 'sequence.md'} and {len(plots)} plot(s)")
+    return result
+
+
+def markdown(res: dict, plots: list[str]) -> str:
+    L = ["# CLNP task sequences (permuted MNIST)", "",
+         f"Paper (784-2000-2000, 10 tasks): CLNP {PAPER['CLNP']} ± {PAPER['CLNP std']}, single-task {PAPER['single-task']}.",
+         "", "## Groups (mean ± std over seeds of the average test accuracy after the last task)", "",
+         "| settings | seeds | tasks done | average test accuracy (%) | per seed |", "|---|---|---|---:|---|"]
+    for g in res["groups"]:
+        L.append(f"| {g['group']} | {', '.join(map(str, g['seeds']))} | {', '.join(map(str, g['tasks_done']))} | "
+                 f"{g['mean']:.2f} ± {g['std']:.2f} | {', '.join(f'{a:.2f}' for a in g['per_seed'])} |")
+    L += ["", "## Runs", "",
+          "| run | tasks | all fit | avg test (%) | zero forgetting | most units a task took | worst drop below dense "
+          "(max-drop) | s/task | FREE after last |", "|---|---|---|---:|---|---|---|---:|---|"]
+    for s in res["runs"]:
+        L.append(f"| {s['label']} | {s['tasks_done']}/{s['tasks_planned']} | {'yes' if s['all_fit'] else 'no'} | "
+                 f"{s['average_test_accuracy']:.2f} | {s['zero_forgetting_identical']}/{s['zero_forgetting_checks']} "
+                 f"bit-identical | {_units(s['max_units_per_task'])} | {s['worst_drop_from_dense']:.2f} "
+                 f"({s['max_drop']}) | {s['seconds_per_task']:.0f} | {_units(s['free_after_last'])} |")
+    for fc in res["forecasts"]:
+        L += ["", f"## Capacity forecast after task {fc['after_task']} ({fc['folder']})", "",
+              f"- `clnp-train capacity` forecast: {fc['forecast_additional_tasks']} more tasks ({fc['basis']}).",
+              f"- Then {fc['tasks_run_after']} more tasks ran: they took "
+              f"{_units({k: round(v) for k, v in fc['observed_new_units_per_task'].items()})} new units per task; "
+              f"FREE after the last: {_units(fc['free_after_last'])}.",
+              f"- At that observed rate, {fc['additional_tasks_at_observed_rate']:.0f} tasks fit after task "
+              f"{fc['after_task']}" + (f"; capacity ran out at task {fc['capacity_exhausted_at_task'] + 1}."
+                                       if fc["capacity_exhausted_at_task"] is not None else ".")]
+    L += [""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(L) + "\n"
+
+
+def _units(d: dict) -> str:
+    return " / ".join(str(v) for v in d.values()) if d else "—"
+
+
+def make_plots(records, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clnp = [(f, r) for f, r in records if r.method == "clnp" and r.tasks]
+    if not clnp:
+        return []
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for f, r in clnp:
+        xs = list(range(1, len(r.tasks) + 1))
+        for ax, layer in zip(axes, r.tasks[0].free_after):
+            ax.plot(xs, [t.free_after[layer] for t in r.tasks], marker=".", label=_label(r, True))
+            ax.set_title(f"FREE units in {layer} after each task")
+            ax.set_xlabel("tasks learned")
+            ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "sequence_free_units.png", dpi=110)
+    plt.close(fig)
+    names.append("sequence_free_units.png")
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for f, r in records:
+        if r.tasks:
+            ax.plot(range(1, len(r.tasks) + 1), [t.test_accuracy for t in r.tasks], marker=".", label=_label(r, True))
+    ax.axhline(PAPER["CLNP"], color="grey", linestyle="--", linewidth=0.8, label="paper CLNP average")
+    ax.set_xlabel("task")
+    ax.set_ylabel("test accuracy (%) after learning it")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "sequence_accuracy.png", dpi=110)
+    plt.close(fig)
+    names.append("sequence_accuracy.png")
+    return names

@@ -1,0 +1,243 @@
+"""How CLNP decides which of a task's candidate units to give back: unit scores and pruning schedules.
+
+Both are small named objects, registered by name and chosen by `CLNPConfig.score` / `CLNPConfig.schedule`
+(the shape of torch.nn.utils.prune's methods: one object, one job).
+
+Unit scores (higher: more important to the task):
+- "activity": mean activation over training samples (the paper's criterion).
+- "taylor": first-order Taylor importance, mean over samples of |activation x d loss / d activation|
+  (the change in loss if the unit were removed).
+- "magnitude": L2 norm of the unit's incoming weights.
+
+Schedules:
+- "one-shot": after training, per layer, bisect for the most low-score units that can go while validation
+  accuracy stays within max_drop (shared out over the layers in order) of the dense network.
+- "iterative": remove a fraction of the task's remaining units in every layer, recover with a little
+  training (distilled from the dense network), and keep the step if validation accuracy stays within
+  max_drop of the dense network; after a failed step, restore and halve the fraction, until it is below
+  `min_prune_fraction` or `max_prune_steps` steps were tried.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from trainer.network import MaskedNetwork
+from trainer.training import EpochPlan, TaskTrainer, unit_means
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneContext:
+    """What a score or schedule needs about the task being learned.
+
+    `visible[i]`: (units_i,) bool, units the task sees now (earlier tasks' units and its own candidates);
+    `candidates[i]`: (units_i,) bool, units the task may still keep (FREE before it started).
+    """
+
+    net: MaskedNetwork
+    trainer: TaskTrainer
+    task: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    accuracy: Callable[[list[torch.Tensor]], float]  # validation accuracy (percent) through the given bool masks
+    candidates: list[torch.Tensor]
+    earlier: list[torch.Tensor]  # units owned by earlier tasks (always visible, never pruned)
+    score_samples: int  # training samples a score looks at
+    recovery: EpochPlan  # the iterative schedule's recovery training
+    teacher: torch.Tensor | None  # dense network's logits on x_train, for distillation
+
+    def visible(self, keep: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [(e | k).float() for e, k in zip(self.earlier, keep)]
+
+
+# ---- unit scores ------------------------------------------------------------------------------------
+
+
+class UnitScore:
+    """Scores every unit of every hidden layer for the task; only candidates' scores are read."""
+
+    name = ""
+
+    def __call__(self, ctx: PruneContext, keep: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class ActivityScore(UnitScore):
+    name = "activity"
+
+    @torch.no_grad()
+    def __call__(self, ctx, keep):
+        net, x = ctx.net, ctx.x_train[: ctx.score_samples]
+        masks = ctx.visible(keep)
+        sums = [torch.zeros(len(k), dtype=torch.float64, device=k.device) for k in keep]
+        for s in range(0, len(x), 2048):
+            for i, a in enumerate(net.hidden(net.preprocess(x[s:s + 2048], ctx.task), masks)):
+                sums[i] += unit_means(a).sum(0).double()
+        return [v / max(1, len(x)) for v in sums]
+
+
+class TaylorScore(UnitScore):
+    name = "taylor"
+
+    def __call__(self, ctx, keep):
+        net, t = ctx.net, ctx.task
+        x, y = ctx.x_train[: ctx.score_samples], ctx.y_train[: ctx.score_samples]
+        masks = ctx.visible(keep)
+        sums = [torch.zeros(len(k), dtype=torch.float64, device=k.device) for k in keep]
+        for s in range(0, len(x), 1024):
+            acts = net.hidden(net.preprocess(x[s:s + 1024], t), masks)
+            for a in acts:
+                a.retain_grad()
+            logits = net.features(acts) @ net.head_weights[t].T + net.head_biases[t]
+            loss = F.cross_entropy(logits, y[s:s + 1024], reduction="sum")  # per-sample gradients, unscaled
+            grads = torch.autograd.grad(loss, acts)
+            for i, (a, g) in enumerate(zip(acts, grads)):
+                contrib = a.detach() * g  # (B, units) or (B, C, H, W)
+                if contrib.dim() == 4:
+                    contrib = contrib.sum(dim=(2, 3))
+                sums[i] += contrib.abs().sum(0).double()
+        return [v / max(1, len(x)) for v in sums]
+
+
+class MagnitudeScore(UnitScore):
+    name = "magnitude"
+
+    @torch.no_grad()
+    def __call__(self, ctx, keep):
+        return [w.detach().flatten(1).norm(dim=1).double() for w in ctx.net.weights]
+
+
+SCORES: dict[str, UnitScore] = {s.name: s for s in (ActivityScore(), TaylorScore(), MagnitudeScore())}
+
+
+# ---- schedules --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneResult:
+    keep: list[torch.Tensor]  # (units_i,) bool: candidates the task keeps
+    accuracy: float  # validation accuracy with those units, after any recovery training
+    steps: int  # pruning steps tried
+    epoch_seconds: list[float]  # recovery training time
+
+
+class PruneSchedule:
+    """Decides which candidates the task keeps, given the dense validation accuracy and `max_drop`."""
+
+    name = ""
+
+    def __call__(self, ctx: PruneContext, score: UnitScore, dense_accuracy: float, max_drop: float) -> PruneResult:
+        raise NotImplementedError
+
+
+def _lowest(scores: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k lowest-scored units where `among` (ties broken by index)."""
+    idx = torch.nonzero(among).flatten()
+    return idx[torch.argsort(scores[idx], stable=True)[:k]]
+
+
+class OneShotBisection(PruneSchedule):
+    name = "one-shot"
+
+    def __call__(self, ctx, score, dense_accuracy, max_drop):
+        keep = [c.clone() for c in ctx.candidates]
+        scores = score(ctx, keep)
+        L = len(keep)
+        for i in range(L):
+            order = _lowest(scores[i], keep[i], int(keep[i].sum()))  # least important first
+            floor = dense_accuracy - max_drop * (i + 1) / L
+
+            def acc_without(k: int) -> float:
+                trial = [m.clone() for m in keep]
+                trial[i][order[:k]] = False
+                return ctx.accuracy(trial)
+
+            lo, hi = 0, len(order)  # largest k whose accuracy stays above the floor (k=0 always does)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if acc_without(mid) >= floor:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            keep[i][order[:lo]] = False
+        return PruneResult(keep, ctx.accuracy(keep), L, [])
+
+
+@dataclass
+class IterativeRecovery(PruneSchedule):
+    name = "iterative"
+    first_fraction: float = 0.5  # share of each layer's remaining units the first step removes
+    min_fraction: float = 0.05  # stop once a failed step has halved the share below this
+    max_steps: int = 12  # stop after this many steps, kept or not
+
+    def __call__(self, ctx, score, dense_accuracy, max_drop):
+        floor = dense_accuracy - max_drop
+        keep = [c.clone() for c in ctx.candidates]
+        params, grad_masks = ctx.trainer.free_unit_parameters()
+        saved = copy.deepcopy(ctx.net.state_tensors())
+        accuracy = ctx.accuracy(keep)
+        fraction, steps, seconds = self.first_fraction, 0, []
+        while fraction >= self.min_fraction and steps < self.max_steps:
+            scores = score(ctx, keep)
+            trial = [k.clone() for k in keep]
+            for i, k in enumerate(keep):
+                remaining = int(k.sum())
+                cut = min(remaining - 1, math.floor(fraction * remaining))
+                if cut > 0:
+                    trial[i][_lowest(scores[i], k, cut)] = False
+            if all(torch.equal(a, b) for a, b in zip(trial, keep)):
+                break
+            steps += 1
+            target = max(floor, accuracy)  # recover fully if the step can, else stop at the floor
+            trial_acc = ctx.accuracy(trial)
+            if trial_acc < target and ctx.recovery.epochs > 0:
+                state = {"acc": trial_acc}
+
+                def recovered() -> bool:
+                    state["acc"] = ctx.accuracy(trial)
+                    return state["acc"] >= target
+
+                seconds += ctx.trainer.run_epochs(ctx.x_train, ctx.y_train, ctx.recovery, params, grad_masks,
+                                                  ctx.visible(trial), teacher=ctx.teacher, stop_when=recovered,
+                                                  desc=f"recover step {steps}")
+                trial_acc = ctx.accuracy(trial)
+            kept = [int(k.sum()) for k in trial]
+            if trial_acc >= floor:
+                keep, accuracy = trial, trial_acc
+                saved = copy.deepcopy(ctx.net.state_tensors())
+                logger.info("prune step %d (%.3f): kept %s, validation %.2f%% (floor %.2f)", steps, fraction, kept,
+                            trial_acc, floor)
+            else:
+                restore(ctx.net, saved)
+                logger.info("prune step %d (%.3f): %s would give %.2f%% < floor %.2f; restored", steps, fraction,
+                            kept, trial_acc, floor)
+                fraction /= 2
+        return PruneResult(keep, accuracy, steps, seconds)
+
+
+SCHEDULES: dict[str, PruneSchedule] = {s.name: s for s in (OneShotBisection(), IterativeRecovery())}
+
+
+def schedule_for(name: str, first_fraction: float, min_fraction: float, max_steps: int) -> PruneSchedule:
+    """The registered schedule `name`, with the iterative schedule's settings applied."""
+    s = SCHEDULES[name]
+    if isinstance(s, IterativeRecovery):
+        return replace(s, first_fraction=first_fraction, min_fraction=min_fraction, max_steps=max_steps)
+    return s
+
+
+def restore(net: MaskedNetwork, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved `state_tensors()` back into the network."""
+    with torch.no_grad():
+        current = net.state_tensors()
+        for k, v in tensors.items():
+            current[k].copy_(v)

@@ -1,0 +1,177 @@
+"""The training loop of one task: Adam over masked parameters, with dropout, an L1 activity penalty and distillation.
+
+Every phase of CLNP (learning the task in the FREE units, recovering after a pruning step, fine-tuning the
+kept units) and every baseline of the benchmark runs through `TaskTrainer.run_epochs`. A gradient mask
+per parameter decides which entries may move; each call builds a fresh Adam with no weight decay, so an
+entry whose gradient is always zero stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from serving.contract import FREE
+from trainer.network import MaskedNetwork
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How to run a block of epochs."""
+
+    epochs: float  # passes over the data; a fraction runs that share of one shuffled pass
+    learning_rate: float  # Adam's step size at the start
+    lr_schedule: str = "constant"  # "constant", "step" (x lr_decay for the last quarter) or "cosine" (to 0)
+    lr_decay: float = 0.1  # the "step" schedule's factor
+    dropout: float = 0.0  # probability of dropping each hidden unit's activation in a training step
+    alpha: float = 0.0  # L1 penalty on the activations of the units in `penalty_units`
+    distill: float = 0.0  # weight of the distillation term (0: cross-entropy only)
+    temperature: float = 2.0  # distillation temperature
+    check_every: float = 0.0  # call `stop_when` every this many epochs (0: never)
+
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+def row_mask(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A {0,1} tensor shaped like w that is 1 on the rows (output units) where `rows` is true."""
+    return rows.float().reshape(-1, *([1] * (w.dim() - 1))).expand_as(w)
+
+
+def column_mask(w: torch.Tensor, in_units: int, keep_in: torch.Tensor) -> torch.Tensor:
+    """A {0,1} tensor shaped like w that is 1 on the connections coming from input units where `keep_in`."""
+    m = keep_in.float().reshape(1, in_units, 1).expand(w.shape[0], in_units, w.numel() // (w.shape[0] * in_units))
+    return m.reshape(w.shape)
+
+
+def unit_means(a: torch.Tensor) -> torch.Tensor:
+    """Per-sample activation of each unit: (B, units), averaging a conv map over its positions."""
+    return a.mean(dim=(2, 3)) if a.dim() == 4 else a
+
+
+class TaskTrainer:
+    """Trains task `task` of `net`; holds the seeded generator that orders the data and draws dropout.
+
+    The parameter sets are built from ownership (`owners[i]`: owner per unit of hidden layer i):
+    - `free_unit_parameters`: the FREE units' incoming weights and biases, and the task's head;
+    - `own_unit_parameters`: the task's own units (after pruning), minus connections from FREE units.
+    """
+
+    def __init__(self, net: MaskedNetwork, owners: list[torch.Tensor], task: int, seed: int, batch_size: int,
+                 show_progress: bool = False, generator: torch.Generator | None = None):
+        self.net, self.owners, self.task = net, owners, task
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+
+    # ---- which entries may move -----------------------------------------------------------------
+
+    def free_unit_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Parameters and gradient masks for learning in the FREE units (rows of FREE units + the head)."""
+        net, t = self.net, self.task
+        params, grad_masks = [], []
+        for i, o in enumerate(self.owners):
+            free = o == FREE
+            params += [net.weights[i], net.biases[i]]
+            grad_masks += [row_mask(net.weights[i], free), free.float()]
+        params += [net.head_weights[t], net.head_biases[t]]
+        grad_masks += [None, None]
+        return params, grad_masks
+
+    def own_unit_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Parameters and gradient masks for tuning the task's own units; connections from FREE units stay zero."""
+        net, t = self.net, self.task
+        params, grad_masks = [], []
+        for i, o in enumerate(self.owners):
+            w = net.weights[i]
+            m = row_mask(w, o == t)
+            if i > 0:
+                m = m * column_mask(w, len(self.owners[i - 1]), self.owners[i - 1] != FREE)
+            params += [w, net.biases[i]]
+            grad_masks += [m, (o == t).float()]
+        hw = net.head_weights[t]
+        params += [hw, net.head_biases[t]]
+        grad_masks += [column_mask(hw, len(self.owners[-1]), self.owners[-1] != FREE), None]
+        return params, grad_masks
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def run_epochs(self, x: torch.Tensor, y: torch.Tensor, plan: EpochPlan, params: list[torch.Tensor],
+                   grad_masks: list[torch.Tensor | None], masks: list[torch.Tensor], *,
+                   penalty_units: list[torch.Tensor] | None = None, teacher: torch.Tensor | None = None,
+                   stop_when=None, extra_loss=None, desc: str = "train") -> list[float]:
+        """Adam over (x, y) with the task's head; returns the seconds of each (possibly partial) epoch.
+
+        masks[i]: (units_i,) visibility of hidden layer i; dropout multiplies it per row. grad_masks
+        multiply each parameter's gradient (None: all of it moves). penalty_units[i]: (units_i,) weights
+        of the L1 activity penalty. teacher: (N, classes) logits aligned with x for distillation.
+        stop_when(): called every `plan.check_every` epochs; returning True ends the run there.
+        extra_loss(): a term added to every step's loss (e.g. a baseline's EWC penalty).
+        """
+        net, t = self.net, self.task
+        opt = torch.optim.Adam(params, lr=plan.learning_rate)  # fresh state: a zero-gradient entry never moves
+        n = len(x)
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        total_steps = max(1, round(plan.epochs * steps_per_epoch))
+        check_steps = round(plan.check_every * steps_per_epoch) if plan.check_every > 0 and stop_when else 0
+        decay_from = math.ceil(plan.epochs * 0.75) * steps_per_epoch if plan.epochs >= 2 else total_steps
+        keep = 1.0 - plan.dropout
+        times: list[float] = []
+        bar = tqdm(total=total_steps, desc=desc, disable=not self.show_progress, leave=False, unit="step")
+        step, t0, order = 0, time.perf_counter(), None
+        while step < total_steps:
+            within = step % steps_per_epoch
+            if within == 0:
+                order = torch.randperm(n, generator=self.generator).to(x.device)
+            lr = plan.learning_rate
+            if plan.lr_schedule == "step" and step >= decay_from:
+                lr *= plan.lr_decay
+            elif plan.lr_schedule == "cosine":
+                lr *= 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = order[within * self.batch_size:(within + 1) * self.batch_size]
+            xb, yb = x[idx], y[idx]
+            step_masks = masks
+            if plan.dropout > 0:
+                step_masks = [m * torch.bernoulli(torch.full((len(idx), len(m)), keep), generator=self.generator)
+                              .to(m.device) / keep for m in masks]  # (B, units)
+            acts = net.hidden(net.preprocess(xb, t), step_masks)
+            logits = net.features(acts) @ net.head_weights[t].T + net.head_biases[t]  # (B, classes)
+            loss = F.cross_entropy(logits, yb)
+            if teacher is not None and plan.distill > 0:
+                T = plan.temperature
+                soft = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(teacher[idx] / T, dim=1),
+                                reduction="batchmean", log_target=True) * (T * T)
+                loss = (1.0 - plan.distill) * loss + plan.distill * soft
+            if penalty_units is not None and plan.alpha > 0:
+                for a, weight in zip(acts, penalty_units):
+                    loss = loss + plan.alpha * (unit_means(a) * weight).mean()  # mean over batch and units
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            for p, m in zip(params, grad_masks):
+                if m is not None:
+                    p.grad.mul_(m)
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % steps_per_epoch == 0 or step == total_steps:
+                times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            if check_steps and step % check_steps == 0 and step < total_steps and stop_when():
+                times.append(time.perf_counter() - t0)
+                break
+        bar.close()
+        return times
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, masks: list[torch.Tensor], batch_size: int = 2048) -> torch.Tensor:
+        """The task's logits for x through `masks`, no dropout: (N, classes)."""
+        return torch.cat([self.net(x[s:s + batch_size], self.task, masks) for s in range(0, len(x), batch_size)])
