@@ -32,7 +32,7 @@ import torch
 from serving.contract import FREE, visible_to
 from trainer.network import MaskedNetwork
 from trainer.pruning import SCHEDULES, SCORES, PruneContext, restore, schedule_for
-from trainer.training import LR_SCHEDULES, EpochPlan, TaskTrainer
+from trainer.training import LR_SCHEDULES, EpochPlan, TaskTrainer, accuracy, train_compact
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class CLNPConfig:
     lr_schedule: str = "cosine"  # dense phase: "cosine" (to 0), "step" (x lr_decay for the last quarter), "constant"
     lr_decay: float = 0.1  # the "step" schedule's factor
     batch_size: int = 256  # samples per step (the paper's setup)
-    dropout: float = 0.2  # probability of dropping a hidden unit's activation in each training step
+    dropout: float = 0.2  # probability of dropping a dense hidden unit's activation in each training step (not conv)
     alpha: float = 0.0  # L1 penalty on FREE units' activations: alpha * mean over a layer's units (width-independent)
     score: str = "taylor"  # unit score for pruning: "taylor", "activity" or "magnitude"
     schedule: str = "iterative"  # pruning schedule: "iterative" (prune, recover, repeat) or "one-shot" (bisection)
@@ -150,16 +150,6 @@ def task_masks(owners: list[torch.Tensor], task: int) -> list[torch.Tensor]:
     return [visible_to(o, task).float() for o in owners]
 
 
-def accuracy(net: MaskedNetwork, x: torch.Tensor, y: torch.Tensor, task: int, masks: list[torch.Tensor],
-             batch_size: int = 2048) -> float:
-    """Percent of samples whose arg-max logit is the label."""
-    correct = 0
-    with torch.no_grad():
-        for s in range(0, len(x), batch_size):
-            correct += (net(x[s:s + batch_size], task, masks).argmax(1) == y[s:s + batch_size]).sum().item()
-    return 100.0 * correct / max(1, len(x))
-
-
 def check_capacity(net: MaskedNetwork, owners: list[torch.Tensor]) -> None:
     """Raise CapacityExhaustedError if any hidden layer has no FREE unit."""
     full = [name for name, o in zip(net.spec.layer_names, owners) if not bool((o == FREE).any())]
@@ -208,7 +198,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         net=net, trainer=tr, task=task, x_train=data.x_train, y_train=data.y_train,
         accuracy=lambda keep: accuracy(net, data.x_val, data.y_val, task, ctx.visible(keep)),
         candidates=free, earlier=earlier, score_samples=config.activity_samples, recovery=config.recovery_plan(),
-        teacher=teacher,
+        teacher=teacher, x_val=data.x_val, y_val=data.y_val,
     )
     schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps)
     result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
@@ -224,9 +214,9 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     # ---- 4. fine-tune the kept units ----------------------------------------------------------
     if config.finetune_epochs > 0:
         before = copy.deepcopy(net.state_tensors())
-        params, grad_masks = tr.own_unit_parameters()
-        epoch_seconds += tr.run_epochs(data.x_train, data.y_train, config.finetune_plan(), params, grad_masks,
-                                       task_masks(owners, task), teacher=teacher, desc="fine-tune")
+        tr.owners = owners  # the task's units are its own now
+        epoch_seconds += train_compact(tr, [m.bool() for m in task_masks(owners, task)], config.finetune_plan(),
+                                       data.x_train, data.y_train, own_units=True, teacher=teacher, desc="fine-tune")
         tuned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
         if tuned_acc < pruned_acc:  # keep the better of the two
             restore(net, before)

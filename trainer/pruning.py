@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.network import MaskedNetwork
-from trainer.training import EpochPlan, TaskTrainer, unit_means
+from trainer.training import EpochPlan, TaskTrainer, train_compact, unit_means
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class PruneContext:
     score_samples: int  # training samples a score looks at
     recovery: EpochPlan  # the iterative schedule's recovery training
     teacher: torch.Tensor | None  # dense network's logits on x_train, for distillation
+    x_val: torch.Tensor  # validation data, for stopping recovery early
+    y_val: torch.Tensor
 
     def visible(self, keep: list[torch.Tensor]) -> list[torch.Tensor]:
         return [(e | k).float() for e, k in zip(self.earlier, keep)]
@@ -182,7 +184,6 @@ class IterativeRecovery(PruneSchedule):
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         floor = dense_accuracy - max_drop
         keep = [c.clone() for c in ctx.candidates]
-        params, grad_masks = ctx.trainer.free_unit_parameters()
         saved = copy.deepcopy(ctx.net.state_tensors())
         accuracy = ctx.accuracy(keep)
         fraction, steps, seconds = self.first_fraction, 0, []
@@ -200,15 +201,10 @@ class IterativeRecovery(PruneSchedule):
             target = max(floor, accuracy)  # recover fully if the step can, else stop at the floor
             trial_acc = ctx.accuracy(trial)
             if trial_acc < target and ctx.recovery.epochs > 0:
-                state = {"acc": trial_acc}
-
-                def recovered() -> bool:
-                    state["acc"] = ctx.accuracy(trial)
-                    return state["acc"] >= target
-
-                seconds += ctx.trainer.run_epochs(ctx.x_train, ctx.y_train, ctx.recovery, params, grad_masks,
-                                                  ctx.visible(trial), teacher=ctx.teacher, stop_when=recovered,
-                                                  desc=f"recover step {steps}")
+                # retrain the task's remaining units on a compact copy (only the units it sees)
+                seconds += train_compact(ctx.trainer, [e | k for e, k in zip(ctx.earlier, trial)], ctx.recovery,
+                                         ctx.x_train, ctx.y_train, own_units=False, teacher=ctx.teacher,
+                                         val=(ctx.x_val, ctx.y_val), target=target, desc=f"recover step {steps}")
                 trial_acc = ctx.accuracy(trial)
             kept = [int(k.sum()) for k in trial]
             if trial_acc >= floor:

@@ -28,7 +28,7 @@ class EpochPlan:
     learning_rate: float  # Adam's step size at the start
     lr_schedule: str = "constant"  # "constant", "step" (x lr_decay for the last quarter) or "cosine" (to 0)
     lr_decay: float = 0.1  # the "step" schedule's factor
-    dropout: float = 0.0  # probability of dropping each hidden unit's activation in a training step
+    dropout: float = 0.0  # probability of dropping each dense hidden unit's activation in a training step
     alpha: float = 0.0  # L1 penalty on the activations of the units in `penalty_units`
     distill: float = 0.0  # weight of the distillation term (0: cross-entropy only)
     temperature: float = 2.0  # distillation temperature
@@ -138,9 +138,10 @@ class TaskTrainer:
             idx = order[within * self.batch_size:(within + 1) * self.batch_size]
             xb, yb = x[idx], y[idx]
             step_masks = masks
-            if plan.dropout > 0:
+            if plan.dropout > 0:  # dense layers only: dropping whole conv filters hurts small conv layers
                 step_masks = [m * torch.bernoulli(torch.full((len(idx), len(m)), keep), generator=self.generator)
-                              .to(m.device) / keep for m in masks]  # (B, units)
+                              .to(m.device) / keep if layer.kind == "dense" else m
+                              for m, layer in zip(masks, net.spec.layers)]  # (B, units)
             acts = net.hidden(net.preprocess(xb, t), step_masks)
             logits = net.features(acts) @ net.head_weights[t].T + net.head_biases[t]  # (B, classes)
             loss = F.cross_entropy(logits, yb)
@@ -175,3 +176,39 @@ class TaskTrainer:
     def logits(self, x: torch.Tensor, masks: list[torch.Tensor], batch_size: int = 2048) -> torch.Tensor:
         """The task's logits for x through `masks`, no dropout: (N, classes)."""
         return torch.cat([self.net(x[s:s + batch_size], self.task, masks) for s in range(0, len(x), batch_size)])
+
+
+def accuracy(net: MaskedNetwork, x: torch.Tensor, y: torch.Tensor, task: int, masks: list[torch.Tensor],
+             batch_size: int = 2048) -> float:
+    """Percent of samples whose arg-max logit is the label."""
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            correct += (net(x[s:s + batch_size], task, masks).argmax(1) == y[s:s + batch_size]).sum().item()
+    return 100.0 * correct / max(1, len(x))
+
+
+def train_compact(trainer: "TaskTrainer", visible: list[torch.Tensor], plan: EpochPlan, x: torch.Tensor,
+                  y: torch.Tensor, *, own_units: bool, teacher: torch.Tensor | None = None,
+                  val: tuple[torch.Tensor, torch.Tensor] | None = None, target: float | None = None,
+                  desc: str = "train") -> list[float]:
+    """Train the trainer's task on a compact copy of its `visible` units, then write the result back.
+
+    own_units=False trains the FREE (candidate) units and the head, as in the dense phase; True trains the
+    task's own units with no connection from FREE units. With `val` and `target`, training stops at the
+    first check (every plan.check_every epochs) where validation accuracy reaches `target`.
+    Returns seconds per (partial) epoch.
+    """
+    from trainer.compact import compact_task, write_back
+
+    ct = compact_task(trainer.net, trainer.owners, trainer.task, visible)
+    small = TaskTrainer(ct.net, ct.owners, 0, 0, trainer.batch_size, trainer.show_progress, generator=trainer.generator)
+    params, grad_masks = small.own_unit_parameters() if own_units else small.free_unit_parameters()
+    ones = [torch.ones(len(o), device=o.device) for o in ct.owners]
+    stop = None
+    if val is not None and target is not None:
+        def stop() -> bool:
+            return accuracy(ct.net, val[0], val[1], 0, ones) >= target
+    seconds = small.run_epochs(x, y, plan, params, grad_masks, ones, teacher=teacher, stop_when=stop, desc=desc)
+    write_back(ct, trainer.net, trainer.task)
+    return seconds

@@ -1,0 +1,86 @@
+"""Every selectable CLNP method keeps the invariants, on small real data through the public API.
+
+For each preset and unit score: a second task leaves the first bit-identical (add_task's own check and the
+logits here), no connection runs from a FREE unit into an owned unit, ONNX Runtime agrees with torch, and
+the first task keeps some units but fewer than the layer has.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serving.contract import FREE
+from serving.repository import ModelRepository
+from trainer.clnp import PRESETS, ConfigError, learn_task, new_owners, preset, task_masks
+from trainer.compact import compact_task, write_back
+from trainer.network import MaskedNetwork, parse_network_spec
+from trainer.pipeline import add_task, fit_to_network, load_network
+from trainer.pruning import SCHEDULES, SCORES
+
+NETWORK = "mlp:784-64-64"
+FAST = dict(epochs=2, batch_size=64, learning_rate=0.002, recovery_epochs=2.0, max_prune_steps=6, max_drop=1.0)
+METHODS = [(name, {}) for name in sorted(PRESETS)] + [
+    ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
+    ("reference", {"schedule": "iterative"})]
+
+
+@pytest.mark.parametrize("name,overrides", METHODS, ids=[f"{n}-{'-'.join(o.values()) or 'as-is'}" for n, o in METHODS])
+def test_method_keeps_the_invariants(name, overrides, tmp_path, data_dir):
+    config = preset(name, **{**FAST, **overrides}) if name != "reference" else preset(name, epochs=2, batch_size=64, **overrides)
+    root = tmp_path / "repo"
+    first = add_task(root, "a", "permuted-mnist:3", network=NETWORK, config=config, limit=1000, data_dir=str(data_dir))
+    second = add_task(root, "b", "split-mnist:0,1,2,3,4", config=config, limit=1000, data_dir=str(data_dir))
+    assert second.earlier_tasks_checked == 1  # add_task compared task a bit for bit before publishing
+    assert second.parity_max_difference < 1e-3
+
+    repo = ModelRepository.open(root)
+    probe = fit_to_network(np.random.default_rng(0).uniform(0, 255, (64, 784)).astype(np.float32),
+                           parse_network_spec(NETWORK), "probe")
+    nets = {v: load_network(repo, repo.read_manifest(v)) for v in (1, 2)}
+    with torch.no_grad():
+        before = nets[1][0](probe, 0, task_masks(nets[1][1], 0))
+        after = nets[2][0](probe, 0, task_masks(nets[2][1], 0))
+    assert torch.equal(before, after)
+
+    net, owners = nets[2]
+    for i in range(1, len(owners)):  # connections from FREE units into owned units are exactly zero
+        rows, cols = owners[i] != FREE, owners[i - 1] == FREE
+        assert torch.count_nonzero(net.weights[i].detach()[rows][:, cols]) == 0
+    for i, o in enumerate(owners):
+        assert torch.count_nonzero(net.weights[i].detach()[o == FREE]) == 0  # FREE rows hold nothing either
+    assert all(0 < k < 64 for k in first.outcome.units_kept.values()), first.outcome.units_kept
+    assert all(0 <= k < 64 for k in second.outcome.units_kept.values())  # it may live on reused units alone
+    for outcome in (first.outcome, second.outcome):
+        assert outcome.validation_accuracy >= outcome.dense_validation_accuracy - config.max_drop - 1e-9
+
+
+def test_compact_copy_round_trips_bit_for_bit(data_dir):
+    """Copying a task's visible units out and back (no training) leaves every tensor bit-identical."""
+    torch.manual_seed(0)
+    net = MaskedNetwork(parse_network_spec("cnn:1x28x28-c6-c8-d16"))
+    owners = new_owners(net)
+    net.add_head(10, torch.ones(1, 28, 28), torch.zeros(1, 28, 28))
+    net.add_head(5, torch.ones(1, 28, 28), torch.zeros(1, 28, 28))
+    owners = [torch.tensor([0, -1, 1, 0, -1, 1]), torch.tensor([1, 1, -1, 0, -1, 0, 1, -1]),
+              torch.tensor([0] * 5 + [1] * 6 + [-1] * 5)]
+    before = {k: v.clone() for k, v in net.state_tensors().items()}
+    visible = [(o == 0) | (o == 1) for o in owners]
+    ct = compact_task(net, owners, 1, visible)
+    x = torch.rand(4, 1, 28, 28) * 255
+    with torch.no_grad():  # the compact copy computes what the masked full network does
+        full = net(x, 1, task_masks(owners, 1))
+        small = ct.net(x, 0, [torch.ones(len(o)) for o in ct.owners])
+    torch.testing.assert_close(small, full, rtol=1e-5, atol=1e-5)
+    write_back(ct, net, 1)
+    for k, v in net.state_tensors().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_unknown_method_names_are_refused():
+    with pytest.raises(ConfigError, match="unit score"):
+        preset("default", score="entropy")
+    with pytest.raises(ConfigError, match="preset"):
+        preset("fastest")
+    assert set(SCHEDULES) == {"one-shot", "iterative"} and {"activity", "taylor", "magnitude"} <= set(SCORES)
