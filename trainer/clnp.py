@@ -62,12 +62,13 @@ class CLNPConfig:
     prune_fraction: float = 0.5  # iterative: share of each layer's remaining units the first step removes
     min_prune_fraction: float = 0.05  # iterative: failed steps halve the share; stop below this
     max_prune_steps: int = 12  # iterative: stop after this many steps
-    recovery_epochs: float = 1.0  # iterative: at most this many epochs of retraining after each step
-    recovery_lr: float = 0.0005  # iterative: Adam's step size while retraining after a step
+    recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
+    recovery_lr: float = 0.0003  # iterative: Adam's step size while retraining after a step
     distill: float = 0.5  # weight of distillation from the dense network while retraining and fine-tuning (0: off)
     distill_temperature: float = 2.0  # softening of both networks' logits in the distillation term
-    finetune_epochs: int = 1  # epochs of fine-tuning the kept units after pruning (0: none)
+    finetune_epochs: int = 2  # epochs of fine-tuning the kept units after pruning (0: none)
     finetune_lr: float = 0.0005  # Adam's step size while fine-tuning
+    finetune_lr_schedule: str = "cosine"  # learning-rate schedule of the fine-tuning epochs (as lr_schedule)
     prune_connections: bool = True  # prune task connections from earlier units by magnitude (reuse measure)
     reuse_max_drop: float = 0.1  # accuracy points that connection pruning may cost, from the fine-tuned accuracy
     activity_samples: int = 10000  # training samples a unit score looks at
@@ -78,8 +79,9 @@ class CLNPConfig:
             raise ConfigError(f"unknown unit score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown pruning schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        for value in (self.lr_schedule, self.finetune_lr_schedule):
+            if value not in LR_SCHEDULES:
+                raise ConfigError(f"unknown learning-rate schedule {value!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if not 0 <= self.distill <= 1:
@@ -95,8 +97,8 @@ class CLNPConfig:
                          distill=self.distill, temperature=self.distill_temperature, check_every=0.25)
 
     def finetune_plan(self) -> EpochPlan:
-        return EpochPlan(self.finetune_epochs, self.finetune_lr, "step" if self.finetune_epochs >= 2 else "constant",
-                         self.lr_decay, self.dropout, distill=self.distill, temperature=self.distill_temperature)
+        return EpochPlan(self.finetune_epochs, self.finetune_lr, self.finetune_lr_schedule, self.lr_decay, self.dropout,
+                         distill=self.distill, temperature=self.distill_temperature)
 
 
 # Named starting points; any option given next to a preset overrides it.
@@ -105,11 +107,11 @@ PRESETS: dict[str, CLNPConfig] = {
     # the dense network. Chosen by measurement (README.md, "Method").
     "default": CLNPConfig(),
     # The same method on a quarter of the budget: 3 dense epochs, half-epoch recoveries, bigger first step.
-    "fast": CLNPConfig(epochs=3, learning_rate=0.002, recovery_epochs=0.5, prune_fraction=0.6, finetune_epochs=0),
+    "fast": CLNPConfig(epochs=3, learning_rate=0.002, recovery_epochs=1.0, finetune_epochs=1),
     # The method before: L1 activity penalty, mean-activity scores, one-shot bisection, 4 step-decay epochs.
     "reference": CLNPConfig(epochs=4, learning_rate=0.002, lr_schedule="step", dropout=0.0, alpha=1.0,
                             score="activity", schedule="one-shot", max_drop=1.0, distill=0.0, finetune_epochs=2,
-                            finetune_lr=0.001),
+                            finetune_lr=0.001, finetune_lr_schedule="step"),
 }
 
 
