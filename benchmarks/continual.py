@@ -102,10 +102,10 @@ PUBLISHED = {  # Golkar, Kagan & Cho 2019, permuted MNIST, 10 tasks (average tes
 PROBE_SAMPLES = 256
 
 FULL = dict(tasks=10, network="mlp:784-2000-2000", epochs=None, limit=None, batch_size=None, ewc_lambdas="100,1000,10000", ewc_select_tasks=3,
-            ewc_fisher_samples=1000, sweep_max_drop="0,0.1,0.5,1", sweep_tasks=3, sweep_epochs=None,
+            ewc_fisher_samples=1000, sweep_max_drop="0,0.1,0.2,0.5,1", sweep_tasks=3, sweep_epochs=None,
             cnn_network="cnn:1x28x28-c32-c64-d256", cnn_tasks=5, cost_steps=100, cost_rounds=3)
 QUICK = dict(tasks=3, network="mlp:784-64-64", epochs=1, limit=1000, batch_size=64, ewc_lambdas="10,1000",
-             ewc_select_tasks=2, ewc_fisher_samples=200, sweep_max_drop="0,1", sweep_tasks=2, sweep_epochs=None,
+             ewc_select_tasks=2, ewc_fisher_samples=200, sweep_max_drop=f"0,{CLNPConfig().max_drop:g}", sweep_tasks=2, sweep_epochs=None,
              cnn_network="cnn:1x28x28-c8-c16-d32", cnn_tasks=3, cost_steps=10, cost_rounds=2)
 METHOD_FLAGS = {"clnp": "CLNP", "finetune": "fine-tuning", "ewc": "EWC", "single": "single-task"}
 SPLIT_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from trainer.clnp import CLNPConfig
 
 
 def _load_module():
@@ -58,7 +59,7 @@ def test_json_has_every_section(quick):
     ew = res["ewc_selection"]
     assert ew["winner"] in ew["grid"] and len(ew["grid"]) == 2 and set(ew["scores"]) == {f"{g:g}" for g in ew["grid"]}
     assert run["methods"]["EWC"]["ewc_lambda"] == ew["winner"]
-    assert [r["max_drop"] for r in res["sweep"]["rows"]] == [0.0, 1.0]
+    assert [r["max_drop"] for r in res["sweep"]["rows"]] == [0.0, CLNPConfig().max_drop]
     for r in res["sweep"]["rows"]:
         assert 0 <= r["average_accuracy"] <= 100 and set(r["free_after_last_task"]) == {"layer1", "layer2"}
     tc = res["training_cost"]
@@ -161,7 +162,7 @@ def test_merged_parts_equal_the_single_run(quick, parts):
         assert run["methods"][name]["accuracy_matrix"] == ref["methods"][name]["accuracy_matrix"], name
     assert res["headline"]["zero_forgetting_all_identical"] is True
     assert res["ewc_selection"]["winner"] == single["ewc_selection"]["winner"]
-    assert [(r["max_drop"], r["from_headline_run"]) for r in res["sweep"]["rows"]] == [(0.0, False), (1.0, True)]
+    assert [(r["max_drop"], r["from_headline_run"]) for r in res["sweep"]["rows"]] == [(0.0, False), (CLNPConfig().max_drop, True)]
     assert [r["average_accuracy"] for r in res["sweep"]["rows"]] == [r["average_accuracy"] for r in single["sweep"]["rows"]]
     assert not res["training_cost"].get("skipped") and not res["cnn"].get("skipped")
     assert [p["folder"] for p in res["merged_from"]] == [str(a), str(b)]
