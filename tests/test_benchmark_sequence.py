@@ -1,0 +1,69 @@
+"""benchmarks/sequence.py: a run continued from its saved state is the run that never stopped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+spec = importlib.util.spec_from_file_location("benchmarks.sequence", REPO_ROOT / "benchmarks" / "sequence.py")
+seq = importlib.util.module_from_spec(spec)
+sys.modules["benchmarks.sequence"] = seq
+spec.loader.exec_module(seq)
+
+TINY = ["--network", "mlp:784-48-48", "--limit", "800", "--preset", "fast", "--set", "epochs=2", "batch_size=64"]
+
+
+def _run(out, tasks, data_dir, *extra):
+    return seq.main(["run", "--out", str(out), "--tasks", str(tasks), "--data-dir", str(data_dir), *TINY, *extra])
+
+
+def _comparable(record) -> dict:
+    d = json.loads(json.dumps(seq.asdict(record)))
+    d.pop("machine"), d.pop("sessions")
+    for t in d["tasks"]:
+        t.pop("seconds")
+    return d
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir):
+    whole = _run(tmp_path / "whole", 3, data_dir)
+    _run(tmp_path / "parts", 2, data_dir)
+    resumed = _run(tmp_path / "parts", 3, data_dir)
+    assert resumed.sessions == 2 and len(resumed.tasks) == 3
+    assert _comparable(resumed) == _comparable(whole)
+    a, b = load_file(str(tmp_path / "whole" / "state.safetensors")), load_file(str(tmp_path / "parts" / "state.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # zero forgetting across the resume: task 1 checked after tasks 2 and 3, tasks 2 after 3, all identical
+    assert [(z["task"], z["after_task"]) for z in resumed.zero_forgetting] == [(0, 1), (0, 2), (1, 2)]
+    assert all(z["identical"] for z in resumed.zero_forgetting)
+    assert all(t.forecast_after["basis"] for t in resumed.tasks)
+
+
+def test_other_settings_are_refused(tmp_path, data_dir):
+    _run(tmp_path / "r", 1, data_dir)
+    with pytest.raises(SystemExit, match="other settings"):
+        _run(tmp_path / "r", 2, data_dir, "max_drop=0.5")
+
+
+def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
+    for s in (0, 1):
+        _run(tmp_path / f"c{s}", 2, data_dir, "--seed", str(s))
+    seq.main(["run", "--out", str(tmp_path / "single"), "--method", "single", "--tasks", "2",
+              "--data-dir", str(data_dir), *TINY])
+    res = seq.main(["report", str(tmp_path / "c0"), str(tmp_path / "c1"), str(tmp_path / "single"),
+                    "--out", str(tmp_path / "rep")])
+    groups = {g["group"]: g for g in res["groups"]}
+    clnp = next(g for name, g in groups.items() if name.startswith("clnp"))
+    assert clnp["seeds"] == [0, 1] and len(clnp["per_seed"]) == 2
+    assert any(name.startswith("single") for name in groups)
+    md = (tmp_path / "rep" / "sequence.md").read_text()
+    assert "bit-identical" in md and "FREE after last" in md
+    for png in ("sequence_free_units.png", "sequence_accuracy.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
