@@ -36,17 +36,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from serving.capacity import forecast_additional_tasks  # noqa: E402
 from serving.contract import FREE  # noqa: E402
 from trainer.clnp import CapacityExhaustedError, CLNPConfig, accuracy, check_capacity, learn_task, new_owners, preset, task_masks  # noqa: E402,E501
-from trainer.data import load_source  # noqa: E402
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
-from trainer.pipeline import fit_to_network  # noqa: E402
 from trainer.training import TaskTrainer  # noqa: E402
+from benchmarks.tasks import Task, load_task  # noqa: E402
 
 SCHEMA_VERSION = 1
 PROBE_SAMPLES = 256
@@ -111,38 +109,6 @@ def log(msg: str) -> None:
 
 
 # ---- data -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TaskTensors:
-    source: str
-    num_classes: int
-    scale: torch.Tensor
-    shift: torch.Tensor
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def load_task(source: str, network: str, data_dir: str | None, limit: int | None, seed: int) -> TaskTensors:
-    spec = parse_network_spec(network)
-    d = load_source(source, data_dir=data_dir, limit=limit, seed=seed)
-
-    def feats(x):
-        return fit_to_network(x, spec, source)
-
-    def labels(y):
-        return torch.from_numpy(y.astype(np.int64))
-
-    shape = d.feature_shape
-    return TaskTensors(
-        source, d.num_classes,
-        torch.from_numpy(np.broadcast_to(d.preprocessing.scale, shape).astype(np.float32).copy()),
-        torch.from_numpy(np.broadcast_to(d.preprocessing.shift, shape).astype(np.float32).copy()),
-        feats(d.x_train), labels(d.y_train), feats(d.x_val), labels(d.y_val), feats(d.x_test), labels(d.y_test))
 
 
 # ---- state ------------------------------------------------------------------------------------------
@@ -216,20 +182,21 @@ def run(args) -> RunRecord:
             torch.manual_seed(config.seed)  # as trainer.pipeline.add_task does for a new network
             net = MaskedNetwork(parse_network_spec(args.network))
             owners = new_owners(net)
+    spec = parse_network_spec(args.network)
     record.sessions += 1
     record.machine = machine()
     tests: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def test_set(t: int):
         if t not in tests:
-            d = load_task(f"permuted-mnist:{t + 1}", args.network, args.data_dir, args.limit, config.seed)
+            d = load_task(f"permuted-mnist:{t + 1}", spec, args.data_dir, args.limit, config.seed, "cpu")
             tests[t] = (d.x_test, d.y_test)
         return tests[t]
 
     for t in range(len(record.tasks), record.tasks_planned):
         if record.capacity_exhausted_at is not None:
             break
-        task = load_task(f"permuted-mnist:{t + 1}", args.network, args.data_dir, args.limit, config.seed)
+        task = load_task(f"permuted-mnist:{t + 1}", spec, args.data_dir, args.limit, config.seed, "cpu")
         tests[t] = (task.x_test, task.y_test)
         if args.method == "clnp":
             try:
@@ -273,7 +240,7 @@ def run(args) -> RunRecord:
     return record
 
 
-def learn_clnp(net: MaskedNetwork, owners, t: int, task: TaskTensors, config: CLNPConfig) -> dict:
+def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfig) -> dict:
     index = net.add_head(task.num_classes, task.scale, task.shift,
                          generator=torch.Generator().manual_seed(config.seed + 1))
     if index != t:
@@ -286,7 +253,7 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: TaskTensors, config: CL
             "seconds": time.perf_counter() - t0}
 
 
-def learn_single(t: int, task: TaskTensors, config: CLNPConfig, network: str) -> dict:
+def learn_single(t: int, task: Task, config: CLNPConfig, network: str) -> dict:
     """A fresh network trained on the task alone with CLNP's dense-phase schedule."""
     torch.manual_seed(config.seed)
     net = MaskedNetwork(parse_network_spec(network))

@@ -13,7 +13,7 @@ import torch
 
 from serving.contract import FREE
 from serving.repository import ModelRepository
-from trainer.clnp import PRESETS, ConfigError, learn_task, new_owners, preset, task_masks
+from trainer.clnp import PRESETS, ConfigError, new_owners, preset, task_masks
 from trainer.compact import compact_task, write_back
 from trainer.network import MaskedNetwork, parse_network_spec
 from trainer.pipeline import add_task, fit_to_network, load_network

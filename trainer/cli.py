@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import fields
 
 import click
 

@@ -205,10 +205,10 @@ def train_compact(trainer: "TaskTrainer", visible: list[torch.Tensor], plan: Epo
     small = TaskTrainer(ct.net, ct.owners, 0, 0, trainer.batch_size, trainer.show_progress, generator=trainer.generator)
     params, grad_masks = small.own_unit_parameters() if own_units else small.free_unit_parameters()
     ones = [torch.ones(len(o), device=o.device) for o in ct.owners]
-    stop = None
-    if val is not None and target is not None:
-        def stop() -> bool:
-            return accuracy(ct.net, val[0], val[1], 0, ones) >= target
+    def back_at_target() -> bool:
+        return accuracy(ct.net, val[0], val[1], 0, ones) >= target
+
+    stop = back_at_target if val is not None and target is not None else None
     seconds = small.run_epochs(x, y, plan, params, grad_masks, ones, teacher=teacher, stop_when=stop, desc=desc)
     write_back(ct, trainer.net, trainer.task)
     return seconds
