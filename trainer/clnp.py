@@ -58,16 +58,17 @@ class CLNPConfig:
     alpha: float = 0.0  # L1 penalty on FREE units' activations: alpha * mean over a layer's units (width-independent)
     score: str = "taylor"  # unit score for pruning: "taylor", "activity" or "magnitude"
     schedule: str = "iterative"  # pruning schedule: "iterative" (prune, recover, repeat) or "one-shot" (bisection)
-    max_drop: float = 0.2  # graceful forgetting: validation accuracy points pruning may cost the dense network
+    max_drop: float = 0.5  # graceful forgetting: validation accuracy points pruning may cost the dense network
     prune_fraction: float = 0.5  # iterative: share of each layer's remaining units the first step removes
     min_prune_fraction: float = 0.05  # iterative: failed steps halve the share; stop below this
-    max_prune_steps: int = 12  # iterative: stop after this many steps
+    max_prune_steps: int = 24  # iterative: stop after this many steps
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
     recovery_lr: float = 0.0003  # iterative: Adam's step size while retraining after a step
+    recovery_early_stop: bool = True  # iterative: stop retraining once validation accuracy is back (checked 4x/epoch)
     distill: float = 0.5  # weight of distillation from the dense network while retraining and fine-tuning (0: off)
     distill_temperature: float = 2.0  # softening of both networks' logits in the distillation term
-    finetune_epochs: int = 2  # epochs of fine-tuning the kept units after pruning (0: none)
-    finetune_lr: float = 0.0005  # Adam's step size while fine-tuning
+    finetune_epochs: int = 20  # epochs of fine-tuning the kept units after pruning (0: none); cheap on the compact copy
+    finetune_lr: float = 0.001  # Adam's step size while fine-tuning
     finetune_lr_schedule: str = "cosine"  # learning-rate schedule of the fine-tuning epochs (as lr_schedule)
     prune_connections: bool = True  # prune task connections from earlier units by magnitude (reuse measure)
     reuse_max_drop: float = 0.1  # accuracy points that connection pruning may cost, from the fine-tuned accuracy
@@ -94,7 +95,8 @@ class CLNPConfig:
 
     def recovery_plan(self) -> EpochPlan:
         return EpochPlan(self.recovery_epochs, self.recovery_lr, "constant", dropout=self.dropout,
-                         distill=self.distill, temperature=self.distill_temperature, check_every=0.25)
+                         distill=self.distill, temperature=self.distill_temperature,
+                         check_every=0.25 if self.recovery_early_stop else 0.0)
 
     def finetune_plan(self) -> EpochPlan:
         return EpochPlan(self.finetune_epochs, self.finetune_lr, self.finetune_lr_schedule, self.lr_decay, self.dropout,
@@ -107,7 +109,7 @@ PRESETS: dict[str, CLNPConfig] = {
     # the dense network. Chosen by measurement (README.md, "Method").
     "default": CLNPConfig(),
     # The same method on a quarter of the budget: 3 dense epochs, half-epoch recoveries, bigger first step.
-    "fast": CLNPConfig(epochs=3, learning_rate=0.002, recovery_epochs=1.0, finetune_epochs=1),
+    "fast": CLNPConfig(epochs=3, learning_rate=0.002, recovery_epochs=1.0, finetune_epochs=5),
     # The method before: L1 activity penalty, mean-activity scores, one-shot bisection, 4 step-decay epochs.
     "reference": CLNPConfig(epochs=4, learning_rate=0.002, lr_schedule="step", dropout=0.0, alpha=1.0,
                             score="activity", schedule="one-shot", max_drop=1.0, distill=0.0, finetune_epochs=2,
