@@ -49,7 +49,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir):
 def test_other_settings_are_refused(tmp_path, data_dir):
     _run(tmp_path / "r", 1, data_dir)
     with pytest.raises(SystemExit, match="other settings"):
-        _run(tmp_path / "r", 2, data_dir, "max_drop=0.5")
+        _run(tmp_path / "r", 2, data_dir, "max_drop=0.9")
 
 
 def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
