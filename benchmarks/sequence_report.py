@@ -38,11 +38,16 @@ class RunSummary:
     free_after_last: dict
 
 
+DENSE_FIELDS = ("epochs", "learning_rate", "lr_schedule", "lr_decay", "batch_size", "dropout")  # what `single` uses
+
+
 def _label(r: RunRecord, with_seed: bool) -> str:
+    """Method, preset and every setting that differs from the preset as it is now."""
     from trainer.clnp import PRESETS
 
     base = asdict(PRESETS[r.preset]) if r.preset in PRESETS else {}
-    diff = [f"{k}={v}" for k, v in r.config.items() if k != "seed" and base.get(k) != v]
+    diff = [f"{k}={v}" for k, v in r.config.items() if k != "seed" and base.get(k) != v
+            and (r.method == "clnp" or k in DENSE_FIELDS)]
     parts = [r.method, r.preset] + diff + ([f"limit={r.limit}"] if r.limit else []) + [f"{r.tasks_planned} tasks"]
     if with_seed:
         parts.append(f"seed {r.seed}")
@@ -132,13 +137,14 @@ def markdown(res: dict, plots: list[str]) -> str:
     for g in res["groups"]:
         L.append(f"| {g['group']} | {', '.join(map(str, g['seeds']))} | {', '.join(map(str, g['tasks_done']))} | "
                  f"{g['mean']:.2f} ± {g['std']:.2f} | {', '.join(f'{a:.2f}' for a in g['per_seed'])} |")
-    L += ["", "## Runs", "",
-          "| run | tasks | all fit | avg test (%) | zero forgetting | most units a task took | worst drop below dense "
-          "(max-drop) | s/task | FREE after last |", "|---|---|---|---:|---|---|---|---:|---|"]
+    L += ["", "## Runs", "", "Settings are named against the presets as they are now.", "",
+          "| folder | settings | tasks | all fit | avg test (%) | zero forgetting | most units a task took | worst drop below dense "
+          "(max-drop) | s/task | FREE after last |", "|---|---|---|---|---:|---|---|---|---:|---|"]
     for s in res["runs"]:
-        L.append(f"| {s['label']} | {s['tasks_done']}/{s['tasks_planned']} | {'yes' if s['all_fit'] else 'no'} | "
-                 f"{s['average_test_accuracy']:.2f} | {s['zero_forgetting_identical']}/{s['zero_forgetting_checks']} "
-                 f"bit-identical | {_units(s['max_units_per_task'])} | {s['worst_drop_from_dense']:.2f} "
+        checks = (f"{s['zero_forgetting_identical']}/{s['zero_forgetting_checks']} bit-identical"
+                  if s["method"] == "clnp" else "—")
+        L.append(f"| {Path(s['folder']).name} | {s['label']} | {s['tasks_done']}/{s['tasks_planned']} | "
+                 f"{'yes' if s['all_fit'] else 'no'} | {s['average_test_accuracy']:.2f} | {checks} | {_units(s['max_units_per_task'])} | {s['worst_drop_from_dense']:.2f} "
                  f"({s['max_drop']}) | {s['seconds_per_task']:.0f} | {_units(s['free_after_last'])} |")
     for fc in res["forecasts"]:
         L += ["", f"## Capacity forecast after task {fc['after_task']} ({fc['folder']})", "",
