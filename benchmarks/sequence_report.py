@@ -159,6 +159,13 @@ def markdown(res: dict, plots: list[str]) -> str:
     return "\n".join(L) + "\n"
 
 
+def parse_widths(network: str) -> list[int]:
+    """Hidden layer widths of a network spec string."""
+    from trainer.network import parse_network_spec
+
+    return [l.units for l in parse_network_spec(network).layers]
+
+
 def _units(d: dict) -> str:
     return " / ".join(str(v) for v in d.values()) if d else "—"
 
@@ -172,17 +179,23 @@ def make_plots(records, out: Path) -> list[str]:
     clnp = [(f, r) for f, r in records if r.method == "clnp" and r.tasks]
     if not clnp:
         return []
+    from matplotlib.ticker import MaxNLocator
+
     names = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    layers = list(clnp[0][1].tasks[0].free_after)
+    widths = [int(w) for w in parse_widths(clnp[0][1].network)]
+    fig, axes = plt.subplots(1, len(layers), figsize=(11, 4.5), squeeze=False)
     for f, r in clnp:
-        xs = list(range(1, len(r.tasks) + 1))
-        for ax, layer in zip(axes, r.tasks[0].free_after):
-            ax.plot(xs, [t.free_after[layer] for t in r.tasks], marker=".", label=_label(r, True))
-            ax.set_title(f"FREE units in {layer} after each task")
-            ax.set_xlabel("tasks learned")
-            ax.set_ylim(bottom=0)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
+        xs = list(range(0, len(r.tasks) + 1))
+        for ax, layer, width in zip(axes[0], layers, widths):
+            ax.plot(xs, [width] + [t.free_after[layer] for t in r.tasks], marker=".", label=f.name)
+    for ax, layer, width in zip(axes[0], layers, widths):
+        ax.set_title(f"FREE units in {layer} after each task (of {width})")
+        ax.set_xlabel("tasks learned")
+        ax.set_ylim(0, width * 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out / "sequence_free_units.png", dpi=110)
     plt.close(fig)
     names.append("sequence_free_units.png")
@@ -190,11 +203,12 @@ def make_plots(records, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(11, 4))
     for f, r in records:
         if r.tasks:
-            ax.plot(range(1, len(r.tasks) + 1), [t.test_accuracy for t in r.tasks], marker=".", label=_label(r, True))
+            ax.plot(range(1, len(r.tasks) + 1), [t.test_accuracy for t in r.tasks], marker=".", label=f.name)
     ax.axhline(PAPER["CLNP"], color="grey", linestyle="--", linewidth=0.8, label="paper CLNP average")
     ax.set_xlabel("task")
     ax.set_ylabel("test accuracy (%) after learning it")
-    ax.legend(fontsize=6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "sequence_accuracy.png", dpi=110)
     plt.close(fig)
