@@ -159,7 +159,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
             "validation_accuracy": record.validation_accuracy, "test_accuracy": record.test_accuracy,
             "dense_validation_accuracy": o.dense_validation_accuracy, "units_kept": o.units_kept,
             "free_units": {l.name: l.free for l in m.layers}, "reused": o.reused,
-            "epoch_seconds": o.epoch_seconds, "seconds": result.seconds,
+            "epoch_seconds": o.epoch_seconds, "phase_seconds": o.phase_seconds, "seconds": result.seconds,
             "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
         }, indent=2))
         return
@@ -172,8 +172,8 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
     for l in m.layers:
         click.echo(f"  {l.name}: kept {o.units_kept[l.name]:>5} units, reuses {o.reused[l.name]:>5} earlier, "
                    f"{l.free:>5} of {l.units} free")
-    per_epoch = ", ".join(f"{s:.1f}s" for s in o.epoch_seconds)
-    click.echo(f"  time: {result.seconds['total']:.1f}s total, epochs {per_epoch}; export {result.seconds['export']:.1f}s")
+    phases = ", ".join(f"{name} {s:.1f}s" for name, s in o.phase_seconds.items())
+    click.echo(f"  time: {result.seconds['total']:.1f}s total: {phases}; export {result.seconds['export']:.1f}s")
     click.echo(f"  checks: {result.earlier_tasks_checked} earlier task(s) bit-identical; "
                f"ONNX matches torch to {result.parity_max_difference:.1e}")
 

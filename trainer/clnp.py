@@ -142,6 +142,7 @@ class TaskOutcome:
     epoch_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     prune_steps: int = 0  # pruning steps the schedule tried
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # "train", "prune", "fine-tune", "reuse" -> wall s
 
 
 def new_owners(net: MaskedNetwork) -> list[torch.Tensor]:
@@ -193,6 +194,8 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     free = [(o == FREE) for o in owners]
     epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, all_on,
                                   penalty_units=[f.float() for f in free], desc="train")
+    phases = {"train": time.perf_counter() - t0}
+    t_phase = time.perf_counter()
     dense_acc = accuracy(net, data.x_val, data.y_val, task, all_on)
     teacher = tr.logits(data.x_train, all_on) if config.distill > 0 else None
 
@@ -212,6 +215,8 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         owners[i][free[i] & result.keep[i]] = task
     _zero_free_connections(net, owners, task)
     pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
+    phases["prune"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
     logger.info("task %d: dense %.2f%%, pruned %.2f%% after %d step(s), kept %s", task, dense_acc, pruned_acc,
                 result.steps, [int((o == task).sum()) for o in owners])
 
@@ -227,12 +232,16 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         else:
             pruned_acc = tuned_acc
 
+    phases["fine-tune"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
+
     # ---- 5. prune task t's connections from earlier units (the reuse measure) -----------------
     fractions = {n: 0.0 for n in names}
     if config.prune_connections and task > 0:
         fractions = _prune_reuse_connections(net, owners, task, data, pruned_acc, config.reuse_max_drop)
         pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
 
+    phases["reuse"] = time.perf_counter() - t_phase
     owners = [o.cpu() for o in owners]
     outcome = TaskOutcome(
         index=task,
@@ -245,6 +254,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         epoch_seconds=epoch_seconds,
         seconds=time.perf_counter() - t0,
         prune_steps=result.steps,
+        phase_seconds=phases,
     )
     return owners, outcome
 

@@ -213,6 +213,7 @@ def add_task(
             "units_pruned": outcome.units_pruned,
             "connections_pruned": {k: round(v, 4) for k, v in outcome.connections_pruned.items()},
             "epoch_seconds": [round(s, 2) for s in outcome.epoch_seconds],
+            "phase_seconds": {k: round(v, 2) for k, v in outcome.phase_seconds.items()},
             "seconds": round(outcome.seconds, 2),
         },
     )
