@@ -200,15 +200,20 @@ def make_plots(records, out: Path) -> list[str]:
     plt.close(fig)
     names.append("sequence_free_units.png")
 
-    fig, ax = plt.subplots(figsize=(11, 4))
-    for f, r in records:
-        if r.tasks:
+    full = [(f, r) for f, r in records if r.tasks and r.limit is None]
+    limited = [(f, r) for f, r in records if r.tasks and r.limit is not None]
+    panels = [(full, "all training data")] + ([(limited, "limited training data (--limit)")] if limited else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 if len(panels) == 1 else 13, 4.5), squeeze=False)
+    for ax, (runs, title) in zip(axes[0], panels):
+        for f, r in runs:
             ax.plot(range(1, len(r.tasks) + 1), [t.test_accuracy for t in r.tasks], marker=".", label=f.name)
-    ax.axhline(PAPER["CLNP"], color="grey", linestyle="--", linewidth=0.8, label="paper CLNP average")
-    ax.set_xlabel("task")
-    ax.set_ylabel("test accuracy (%) after learning it")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
+        if runs is full:
+            ax.axhline(PAPER["CLNP"], color="grey", linestyle="--", linewidth=0.8, label="paper CLNP average")
+        ax.set_title(title)
+        ax.set_xlabel("task")
+        ax.set_ylabel("test accuracy (%) after learning it")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "sequence_accuracy.png", dpi=110)
     plt.close(fig)
