@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,18 @@ class CapacityReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> dict:
+        """The one JSON form of a report (clnp-train and clnp-admin `capacity --json` both print it).
+
+        `estimated_additional_tasks` is a number, the string "unbounded" when the recent tasks took
+        no new unit, or null when there is nothing to estimate from (no task yet).
+        """
+        data = json.loads(json.dumps(self.to_dict(), default=str, allow_nan=True))  # tuples -> lists
+        est = self.estimated_additional_tasks
+        data["estimated_additional_tasks"] = None if est is None or math.isnan(est) else (
+            "unbounded" if math.isinf(est) else est)
+        return data
 
 
 def capacity_report(manifest: Manifest) -> CapacityReport:

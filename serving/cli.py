@@ -34,12 +34,16 @@ DEFAULT_TARGET = "localhost:50051"
 @click.option("--intra-op-threads", default=1, type=click.IntRange(1), help="ONNX Runtime threads per call.")
 @click.option("--keep-versions", default=1, type=click.IntRange(1),
               help="Loaded versions kept (newest first); requests may pick one with model_version.")
-@click.option("--max-batch-size", default=256, type=click.IntRange(1), help="Most rows per request (and per batched call).")
+@click.option("--max-batch-size", default=256, type=click.IntRange(1),
+              help="Most rows one ONNX Runtime call runs; a larger request runs as several calls, in order.")
+@click.option("--max-request-rows", default=0, type=click.IntRange(0),
+              help="Most rows one request may hold; 0: no limit but --max-message-bytes.")
 @click.option("--batching/--no-batching", default=True, help="Run concurrent requests as one ONNX Runtime call.")
 @click.option("--batch-timeout-us", default=500, type=click.IntRange(0),
               help="Under load, how long a batch waits to fill (never when the queue is empty).")
 @click.option("--poll-interval", default=2.0, type=click.FloatRange(0), help="Seconds between repository checks; 0: off.")
-@click.option("--metrics-port", default=0, type=click.IntRange(0, 65535), help="Prometheus /metrics port; 0: off.")
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+              help="Serve Prometheus /metrics on this port (0: a free one, printed at start) [default: off].")
 @click.option("--metrics-host", default=None, help="Address of the metrics endpoint [default: --host].")
 @click.option("--token", envvar="CLNP_TOKEN", default=None,
               help="Require 'authorization: Bearer TOKEN' on admin calls (prefer env CLNP_TOKEN: arguments show in ps).")
@@ -50,10 +54,12 @@ DEFAULT_TARGET = "localhost:50051"
               help="Largest gRPC message, both directions.")
 @click.option("--shutdown-grace", default=10.0, type=click.FloatRange(0),
               help="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
+@click.option("--execution-provider", default="cpu", type=click.Choice(["cpu", "cuda"]),
+              help="ONNX Runtime execution provider; cuda needs the onnxruntime-gpu build (extra 'gpu') and a GPU.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def serve_main(repository, host, port, threads, intra_op_threads, keep_versions, max_batch_size, batching,
-               batch_timeout_us, poll_interval, metrics_port, metrics_host, token, require_token_for_inference,
-               tls_cert, tls_key, max_message_bytes, shutdown_grace, log_level):
+def serve_main(repository, host, port, threads, intra_op_threads, keep_versions, max_batch_size, max_request_rows,
+               batching, batch_timeout_us, poll_interval, metrics_port, metrics_host, token, require_token_for_inference,
+               tls_cert, tls_key, max_message_bytes, shutdown_grace, execution_provider, log_level):
     """Serve every task of a CLNP model repository over the Open Inference Protocol (gRPC).
 
     Prints `clnp-serve listening on HOST:PORT` once it accepts calls. SIGTERM or SIGINT drains:
@@ -77,11 +83,13 @@ def serve_main(repository, host, port, threads, intra_op_threads, keep_versions,
             intra_op_threads=intra_op_threads,
             keep_versions=keep_versions,
             max_batch_size=max_batch_size,
+            max_request_rows=max_request_rows,
             batching=batching,
             batch_timeout_us=batch_timeout_us,
+            execution_provider=execution_provider,
         ),
         poll_interval=poll_interval,
-        metrics_port=metrics_port or None,
+        metrics_port=metrics_port,
         metrics_host=metrics_host,
         token=token or None,
         require_token_for_inference=require_token_for_inference,
@@ -232,10 +240,7 @@ def capacity(target, token, tls_ca, tls_server_name, timeout, as_json, model_ver
     client = _AdminClient(target, token, tls_ca, tls_server_name, timeout)
     report = capacity_from_proto(client.call("Capacity", admin_pb2.CapacityRequest(version=model_version)))
     if as_json:
-        data = report.to_dict()
-        est = report.estimated_additional_tasks
-        data["estimated_additional_tasks"] = None if est is None else _number(est)
-        _echo_json(data)
+        _echo_json(report.to_json())
     else:
         click.echo(format_capacity(report))
 

@@ -1,9 +1,11 @@
 """Pure converters between the Open Inference Protocol messages and numpy arrays.
 
 The wire stops here: `decode_infer_request` turns a ModelInferRequest into the model name,
-version, id and one float32 array, checking everything a client can get wrong (raising the
-domain errors of `serving.errors`); `encode_infer_response` turns scores into a
-ModelInferResponse.
+version, id and one float32 array, checking what can be wrong on the wire (names, datatype, and
+that the values sent fill the shape sent), raising the domain errors of `serving.errors`;
+whether that shape fits the model, and how many rows a request may hold, is checked once, by the
+runtime. `encode_infer_response` turns scores into a ModelInferResponse, and
+`model_metadata_response` / `model_config_response` describe a task (a `ModelDescription`).
 
 Accepted input datatypes (all cast to float32, the model's input type):
 
@@ -28,7 +30,8 @@ from typing import Sequence
 import numpy as np
 
 from serving._generated.inference import grpc_service_pb2 as pb
-from serving.errors import InvalidInput, RequestTooLarge, UnknownVersion
+from serving._generated.inference import model_config_pb2 as mc
+from serving.errors import InvalidInput, UnknownVersion
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -73,13 +76,29 @@ ACCEPTED_DATATYPES = tuple(RAW_DTYPES)
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """What a model's one input and one output look like on the wire."""
+class TensorNames:
+    """The names of a model's one input and one output on the wire."""
 
     input_name: str  # e.g. "input"
-    input_shape: tuple[int, ...]  # per sample, without the batch
     output_name: str  # e.g. "scores"
-    max_batch_size: int  # most rows one request may hold
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What ModelMetadata and ModelConfig say about one task (built by `serving.dataplane`)."""
+
+    name: str  # the task, which is the model name
+    versions: tuple[int, ...]  # loaded versions holding the task
+    input_name: str
+    input_shape: tuple[int, ...]  # per sample, without the batch
+    output_name: str
+    classes: int  # output width
+    max_request_rows: int  # most rows one request may hold (the configured limit, or what fits in a message)
+    batch_rows: int  # most rows one ONNX Runtime call runs
+    batching: bool  # concurrent requests share ONNX Runtime calls
+    batch_timeout_us: int  # how long a batch waits to fill under load
+    execution_provider: str  # "cpu" or "cuda"
+    parameters: dict[str, str]  # further facts, by name (reported in ModelConfig.parameters)
 
 
 @dataclass(frozen=True)
@@ -119,19 +138,18 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def decode_input(request: pb.ModelInferRequest, spec: InputSpec) -> np.ndarray:
-    """The request's one input as a float32 array (B, *spec.input_shape).
+def decode_input(request: pb.ModelInferRequest, spec: TensorNames) -> np.ndarray:
+    """The request's one input as a float32 array of the shape the request gives.
 
-    Raises InvalidInput (missing, extra or misnamed input; unsupported datatype; shape not
-    [B, *input_shape]; element count not matching the bytes or values sent; unknown requested
-    output) or RequestTooLarge (B above spec.max_batch_size).
+    Raises InvalidInput: missing, extra or misnamed input; unsupported datatype; a negative or
+    missing dimension; element count not matching the bytes or values sent; unknown requested
+    output. The shape is checked against the model by the runtime, not here.
     """
-    expected_shape = _shape_text([-1, *spec.input_shape])
     for out in request.outputs:
         if out.name != spec.output_name:
             raise InvalidInput(f"unknown requested output {out.name!r}; the model has one output {spec.output_name!r}")
     if len(request.inputs) == 0:
-        raise InvalidInput(f"missing input {spec.input_name!r} (FP32 {expected_shape})")
+        raise InvalidInput(f"missing input {spec.input_name!r}")
     if len(request.inputs) > 1:
         names = ", ".join(repr(i.name) for i in request.inputs)
         raise InvalidInput(f"expected exactly one input {spec.input_name!r}, got {len(request.inputs)}: {names}")
@@ -144,15 +162,8 @@ def decode_input(request: pb.ModelInferRequest, spec: InputSpec) -> np.ndarray:
             f"input {tensor.name!r} has datatype {datatype!r}; accepted: {', '.join(ACCEPTED_DATATYPES)} (FP32 preferred)"
         )
     shape = list(tensor.shape)
-    if len(shape) != len(spec.input_shape) + 1 or any(d < 0 for d in shape) or tuple(shape[1:]) != spec.input_shape:
-        raise InvalidInput(f"input {tensor.name!r} has shape {_shape_text(shape)}; expected {expected_shape}")
-    batch = shape[0]
-    if batch == 0:
-        raise InvalidInput(f"input {tensor.name!r} has an empty batch; send at least one row")
-    if batch > spec.max_batch_size:
-        raise RequestTooLarge(
-            f"batch of {batch} rows exceeds the maximum batch size {spec.max_batch_size}; split the request"
-        )
+    if not shape or any(d < 0 for d in shape):
+        raise InvalidInput(f"input {tensor.name!r} has shape {_shape_text(shape)}; dimensions are [batch, ...] >= 0")
     count = math.prod(shape)
     typed_present = [f for f in _ALL_TYPED_FIELDS if len(getattr(tensor.contents, f))]
     if request.raw_input_contents:
@@ -194,7 +205,7 @@ def decode_input(request: pb.ModelInferRequest, spec: InputSpec) -> np.ndarray:
     return values.astype(np.float32, copy=False).reshape(shape)
 
 
-def decode_infer_request(request: pb.ModelInferRequest, spec: InputSpec) -> DecodedRequest:
+def decode_infer_request(request: pb.ModelInferRequest, spec: TensorNames) -> DecodedRequest:
     """Model name, version, id and input array of a request (see `decode_input` for what it raises)."""
     header = request_header(request)
     return DecodedRequest(header.model_name, header.model_version, header.id, decode_input(request, spec))
@@ -211,15 +222,45 @@ def encode_infer_response(
     return response
 
 
-def model_metadata_response(
-    name: str, versions: Sequence[int], spec: InputSpec, classes: int
-) -> pb.ModelMetadataResponse:
+def model_metadata_response(model: ModelDescription) -> pb.ModelMetadataResponse:
     """ModelMetadata of one task: one FP32 input [-1, *input_shape], one FP32 output [-1, classes]."""
     Tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
-        name=name,
-        versions=[str(v) for v in versions],
+        name=model.name,
+        versions=[str(v) for v in model.versions],
         platform=PLATFORM,
-        inputs=[Tensor(name=spec.input_name, datatype="FP32", shape=[-1, *spec.input_shape])],
-        outputs=[Tensor(name=spec.output_name, datatype="FP32", shape=[-1, classes])],
+        inputs=[Tensor(name=model.input_name, datatype="FP32", shape=[-1, *model.input_shape])],
+        outputs=[Tensor(name=model.output_name, datatype="FP32", shape=[-1, model.classes])],
     )
+
+
+INT32_MAX = 2**31 - 1
+
+
+def model_config_response(model: ModelDescription) -> pb.ModelConfigResponse:
+    """Triton's ModelConfig of one task, with the fields Triton clients and perf_analyzer read.
+
+    max_batch_size is the most rows one request may hold (so dims leave the batch out);
+    dynamic_batching is present when concurrent requests share calls; parameters add the rows of
+    one ONNX Runtime call, the execution provider and `model.parameters`.
+    """
+    config = mc.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=min(model.max_request_rows, INT32_MAX),
+        input=[mc.ModelInput(name=model.input_name, data_type=mc.TYPE_FP32, dims=list(model.input_shape))],
+        output=[mc.ModelOutput(name=model.output_name, data_type=mc.TYPE_FP32, dims=[model.classes])],
+        instance_group=[mc.ModelInstanceGroup(
+            kind=mc.ModelInstanceGroup.KIND_GPU if model.execution_provider == "cuda" else mc.ModelInstanceGroup.KIND_CPU,
+            count=1,
+        )],
+    )
+    if model.batching:
+        config.dynamic_batching.max_queue_delay_microseconds = model.batch_timeout_us
+        config.dynamic_batching.preserve_ordering = True
+    params = {"batch_rows": str(model.batch_rows), "execution_provider": model.execution_provider,
+              **model.parameters}
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    return pb.ModelConfigResponse(config=config)

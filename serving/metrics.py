@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from serving.capacity import CapacityReport
 from serving.runtime import RuntimeStatus
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,48 @@ class _RuntimeCollector(Collector):
         yield error_version
 
 
+FREE_OWNER_LABEL = "FREE"  # the owner label of units no task owns
+
+
+class _CapacityCollector(Collector):
+    """Units per layer by owner, tasks served and the forecast, read from the served version at scrape time.
+
+    Operators alert on these before the network fills: e.g. `clnp_forecast_additional_tasks < 2`.
+    """
+
+    def __init__(self, capacity: Callable[[], CapacityReport | None]) -> None:
+        self._capacity = capacity
+
+    def collect(self):
+        report = self._capacity()
+        units = GaugeMetricFamily("clnp_units", "Units (neurons or filters) per layer of the served version, by owner "
+                                  f"({FREE_OWNER_LABEL}: owned by no task)", labels=["layer", "owner"])
+        total = GaugeMetricFamily("clnp_layer_units", "Units per layer of the served version", labels=["layer"])
+        tasks = GaugeMetricFamily("clnp_tasks_served", "Tasks in the served version")
+        forecast = GaugeMetricFamily(
+            "clnp_forecast_additional_tasks",
+            "How many more tasks like the recent ones fit in the served version (+Inf: unbounded; absent before the "
+            "first task)")
+        if report is not None:
+            for layer in report.layers:
+                total.add_metric([layer.name], layer.total)
+                units.add_metric([layer.name, FREE_OWNER_LABEL], layer.free)
+                for task, n in layer.owned_by_task.items():
+                    units.add_metric([layer.name, task], n)
+            tasks.add_metric([], len(report.tasks))
+            if report.estimated_additional_tasks is not None:
+                forecast.add_metric([], report.estimated_additional_tasks)
+        yield units
+        yield total
+        yield tasks
+        yield forecast
+
+
 class ServingMetrics:
     """Per-task request counters, error counters by status code, latency and batch histograms."""
 
-    def __init__(self, status: Callable[[], RuntimeStatus] | None = None, ready: Callable[[], bool] | None = None) -> None:
+    def __init__(self, status: Callable[[], RuntimeStatus] | None = None, ready: Callable[[], bool] | None = None,
+                 capacity: Callable[[], CapacityReport | None] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "clnp_requests", "Inference requests by task and gRPC status code", ["task", "code"], registry=self.registry
@@ -85,6 +124,8 @@ class ServingMetrics:
         )
         if status is not None:
             self.registry.register(_RuntimeCollector(status, ready or (lambda: False)))
+        if capacity is not None:
+            self.registry.register(_CapacityCollector(capacity))
         self._http = None
 
     def observe_request(self, task: str, code: str, seconds: float, rows: int) -> None:

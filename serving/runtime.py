@@ -1,4 +1,4 @@
-"""The data plane: loaded model versions, inference, hot reload and the micro-batcher.
+"""The runtime: loaded model versions, inference on them, and hot reload.
 
 Pure numpy and onnxruntime; no gRPC here (the servicers in `serving.server` convert the wire to
 and from numpy and map the domain errors of `serving.errors` to status codes).
@@ -15,17 +15,16 @@ finishes on the session it started with even if that version is unloaded meanwhi
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from serving.batcher import ExecutionObserver, MicroBatcher, run_unbatched
 from serving.errors import InvalidInput, NotReady, RequestTooLarge, UnknownTask, UnknownVersion
 from serving.repository import (
     MANIFEST_FILE,
@@ -38,7 +37,7 @@ from serving.repository import (
 
 logger = logging.getLogger(__name__)
 
-ExecutionObserver = Callable[[int, int, float], None]  # (requests, rows, seconds) of one ORT call
+EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass(frozen=True)
@@ -47,15 +46,34 @@ class RuntimeConfig:
 
     intra_op_threads: int = 1  # ONNX Runtime intra-op threads of each session
     keep_versions: int = 1  # loaded versions kept, newest first; 1 = only the newest
-    max_batch_size: int = 256  # most rows one request may hold, and one batched ORT call runs
+    max_batch_size: int = 256  # most rows one ORT call runs; a larger request runs as several calls, in order
+    max_request_rows: int = 0  # most rows one request may hold; 0: no limit but the gRPC message size
     batching: bool = True  # run concurrent requests (of any tasks) as one ORT call
     batch_timeout_us: int = 500  # when requests queue behind the first, how long to wait for more
+    execution_provider: str = "cpu"  # "cpu" or "cuda" (needs onnxruntime-gpu and a GPU)
 
     def __post_init__(self) -> None:
-        for name, low in (("intra_op_threads", 1), ("keep_versions", 1), ("max_batch_size", 1), ("batch_timeout_us", 0)):
+        for name, low in (("intra_op_threads", 1), ("keep_versions", 1), ("max_batch_size", 1),
+                          ("max_request_rows", 0), ("batch_timeout_us", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.execution_provider not in EXECUTION_PROVIDERS:
+            raise ValueError(f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, "
+                             f"got {self.execution_provider!r}")
+
+
+def check_execution_provider(name: str) -> None:
+    """Raise RuntimeError, saying what to install, unless ONNX Runtime here offers provider `name`."""
+    import onnxruntime as ort
+
+    wanted = EXECUTION_PROVIDERS[name]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        hint = " (install the onnxruntime-gpu build: pip install 'clnp[gpu]', and run where a CUDA GPU is visible)" \
+            if name == "cuda" else ""
+        raise RuntimeError(f"execution provider {name!r} ({wanted}) is not available in this ONNX Runtime; "
+                           f"available: {', '.join(available)}{hint}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +154,8 @@ class LoadedVersion:
         return scores
 
 
-def load_version(repository: ModelRepository, version: int, intra_op_threads: int = 1) -> LoadedVersion:
+def load_version(repository: ModelRepository, version: int, intra_op_threads: int = 1,
+                 execution_provider: str = "cpu") -> LoadedVersion:
     """Verify, open and warm up one version.
 
     Checks both files against their checksums, creates the session, checks its inputs and
@@ -152,7 +171,10 @@ def load_version(repository: ModelRepository, version: int, intra_op_threads: in
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(str(repository.onnx_path(manifest)), options, providers=["CPUExecutionProvider"])
+    providers = [EXECUTION_PROVIDERS[execution_provider]]
+    if execution_provider != "cpu":
+        providers.append("CPUExecutionProvider")  # ONNX Runtime places the nodes the GPU provider lacks on the CPU
+    session = ort.InferenceSession(str(repository.onnx_path(manifest)), options, providers=providers)
     onnx = manifest.onnx
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
@@ -214,117 +236,6 @@ class _Loaded:
         return self.versions[max(self.versions)] if self.versions else None
 
 
-class _Pending:
-    """One request waiting in the micro-batcher."""
-
-    __slots__ = ("loaded", "x", "task_index", "width", "future")
-
-    def __init__(self, loaded: LoadedVersion, x: np.ndarray, task_index: int, width: int) -> None:
-        self.loaded = loaded
-        self.x = x  # (B, *input_shape) float32
-        self.task_index = task_index
-        self.width = width  # the task's number of classes
-        self.future: Future = Future()
-
-
-class MicroBatcher:
-    """Runs concurrent requests, of any tasks, as one ORT call on one worker thread.
-
-    Written here rather than taken from a library: the batching needed is small (one queue, one
-    worker) and must know that rows of different tasks share a call through the task index.
-
-    The worker takes the oldest request and whatever else is queued behind it, up to `max_rows`
-    rows in all. It never waits when the queue is empty (a lone request runs at once); only when
-    other requests were queued too (the server is under load) it waits up to `timeout_s` for the
-    batch to fill. Requests on different loaded versions in one batch run as one call per version.
-    """
-
-    def __init__(self, max_rows: int, timeout_s: float, observer: ExecutionObserver | None = None) -> None:
-        self._max_rows = max_rows
-        self._timeout_s = timeout_s
-        self._observer = observer
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name="clnp-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, loaded: LoadedVersion, x: np.ndarray, task_index: int, width: int) -> Future:
-        """Queue one request; the future resolves to its scores (B, width). Raises NotReady once closed."""
-        pending = _Pending(loaded, x, task_index, width)
-        with self._cond:
-            if self._closed:
-                raise NotReady("the server is shutting down")
-            self._queue.append(pending)
-            self._cond.notify()
-        return pending.future
-
-    def close(self) -> None:
-        """Stop accepting requests, finish the queued ones, and stop the worker."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join()
-
-    def _take_queued(self, batch: list[_Pending], rows: int) -> int:
-        while self._queue and rows + len(self._queue[0].x) <= self._max_rows:
-            item = self._queue.popleft()
-            batch.append(item)
-            rows += len(item.x)
-        return rows
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return  # closed and drained
-                batch = [self._queue.popleft()]
-                rows = self._take_queued(batch, len(batch[0].x))
-                if len(batch) > 1 and self._timeout_s > 0:
-                    deadline = time.monotonic() + self._timeout_s
-                    while rows < self._max_rows and not self._closed:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                        rows = self._take_queued(batch, rows)
-                        if self._queue:  # the next one does not fit: the batch is as full as it gets
-                            break
-            self._run(batch)
-
-    def _run(self, batch: list[_Pending]) -> None:
-        groups: dict[int, list[_Pending]] = {}
-        for item in batch:
-            groups.setdefault(id(item.loaded), []).append(item)
-        for items in groups.values():
-            try:
-                start = time.perf_counter()
-                if len(items) == 1:
-                    x = items[0].x
-                    task = np.full(len(x), items[0].task_index, dtype=np.int64)
-                else:
-                    x = np.concatenate([i.x for i in items])  # (sum B, *input_shape)
-                    task = np.concatenate([np.full(len(i.x), i.task_index, dtype=np.int64) for i in items])
-                scores = items[0].loaded.run(x, task)  # (sum B, max_classes)
-                seconds = time.perf_counter() - start
-            except Exception as e:  # hand the failure to every waiting request; the worker lives on
-                for item in items:
-                    item.future.set_exception(e)
-                continue
-            offset = 0
-            for item in items:
-                n = len(item.x)
-                item.future.set_result(scores[offset:offset + n, :item.width])
-                offset += n
-            if self._observer is not None:
-                try:
-                    self._observer(len(items), len(x), seconds)
-                except Exception:
-                    logger.exception("batch observer failed")
-
-
 class Runtime:
     """The loaded versions of one repository, inference on them, and their hot reload.
 
@@ -359,10 +270,12 @@ class Runtime:
 
         Broken versions are skipped and recorded. Nothing loadable is not an error: the runtime
         stays not ready and a later `reload()` loads the first good version published.
-        Raises LifecycleError when called twice or after `close()`.
+        Raises LifecycleError when called twice or after `close()`, and RuntimeError when the
+        configured execution provider is not available.
         """
         if self._started or self._closed:
             raise LifecycleError("Runtime.start() may be called once, before close()")
+        check_execution_provider(self.config.execution_provider)
         self._started = True
         if self.config.batching:
             self._batcher = MicroBatcher(self.config.max_batch_size, self.config.batch_timeout_us / 1e6, self._observer)
@@ -456,26 +369,30 @@ class Runtime:
     def run(self, target: Target, x: np.ndarray) -> np.ndarray:
         """Scores (B, classes) of `target`'s task for x (B, *input_shape), batched with others when enabled.
 
-        Raises InvalidInput (not a float32 array of that shape), RequestTooLarge or NotReady.
+        This is where a request's rows are checked against the model, once: a float32 array of
+        shape (B, *input_shape) with B >= 1, and B within `max_request_rows` when that is set. A
+        request of more than `max_batch_size` rows runs as several ORT calls, in order, and gets
+        one answer. Raises InvalidInput, RequestTooLarge or NotReady.
         """
         if not isinstance(x, np.ndarray) or x.dtype != np.float32:
             raise InvalidInput(f"input must be a float32 array, got {getattr(x, 'dtype', type(x).__name__)}")
         shape = target.input_shape
-        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or len(x) == 0:
-            raise InvalidInput(f"input shape {list(x.shape)} does not match [-1, {', '.join(map(str, shape))}] (batch >= 1)")
-        if len(x) > self.config.max_batch_size:
-            raise RequestTooLarge(f"batch of {len(x)} rows exceeds the maximum batch size {self.config.max_batch_size}")
+        expected = "[-1, " + ", ".join(map(str, shape)) + "]"
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise InvalidInput(f"input has shape {list(x.shape)}; expected {expected}")
+        if len(x) == 0:
+            raise InvalidInput("input has an empty batch; send at least one row")
+        limit = self.config.max_request_rows
+        if limit and len(x) > limit:
+            raise RequestTooLarge(f"request of {len(x)} rows exceeds the server's limit of {limit} rows "
+                                  f"(--max-request-rows); split the request")
         if self._closed:
             raise NotReady("the server is shutting down")
         x = np.ascontiguousarray(x)
         width = len(target.task.classes)
         if self._batcher is not None:
             return self._batcher.submit(target.loaded, x, target.task.index, width).result()
-        start = time.perf_counter()
-        scores = target.loaded.run(x, np.full(len(x), target.task.index, dtype=np.int64))
-        if self._observer is not None:
-            self._observer(1, len(x), time.perf_counter() - start)
-        return scores[:, :width]
+        return run_unbatched(target.loaded, x, target.task.index, width, self.config.max_batch_size, self._observer)
 
     # ---- reloading -------------------------------------------------------------------------
 
@@ -544,7 +461,8 @@ class Runtime:
         self._last_attempt = _rfc3339_now()
         start = time.perf_counter()
         try:
-            loaded = load_version(self.repository, version, self.config.intra_op_threads)
+            loaded = load_version(self.repository, version, self.config.intra_op_threads,
+                                  self.config.execution_provider)
         except Exception as e:  # any failure means: do not serve it; the message is recorded and logged
             error = ReloadError(version, str(e) or type(e).__name__, self._last_attempt)
             self._failed[version] = (signature, error)
@@ -570,16 +488,17 @@ def tasks_of(versions: Sequence[LoadedVersion]) -> list[tuple[TaskRecord, tuple[
 
 
 __all__ = [
+    "EXECUTION_PROVIDERS",
     "ExecutionObserver",
     "LifecycleError",
     "LoadedVersion",
-    "MicroBatcher",
     "ReloadError",
     "ReloadResult",
     "Runtime",
     "RuntimeConfig",
     "RuntimeStatus",
     "Target",
+    "check_execution_provider",
     "load_version",
     "tasks_of",
 ]

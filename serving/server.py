@@ -1,7 +1,8 @@
 """The gRPC server: Open Inference Protocol, admin API, health, reflection, metrics, hot reload.
 
-Servicers are thin: convert the request (`serving.convert`), call the runtime, convert the
-answer. Domain errors become status codes in one place, `status_code_for` (used by the
+Servicers are thin: convert the request (`serving.convert`), call the data plane
+(`serving.dataplane`, which owns the runtime calls, metrics, statistics and model descriptions),
+convert the answer. Domain errors become status codes in one place, `status_code_for` (used by the
 `ErrorMappingInterceptor` around every RPC and by the token interceptor); anything unexpected
 is logged with its traceback and answered INTERNAL with a generic message.
 
@@ -15,7 +16,6 @@ import hmac
 import importlib.metadata
 import logging
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +29,14 @@ from serving._generated.inference import grpc_service_pb2 as pb
 from serving._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.admin import AdminServicer
 from serving.convert import (
-    InputSpec,
     decode_input,
     encode_infer_response,
+    model_config_response,
     model_metadata_response,
     parse_version,
     request_header,
 )
+from serving.dataplane import DataPlane
 from serving.errors import (
     InvalidInput,
     NotReady,
@@ -46,9 +47,9 @@ from serving.errors import (
     UnknownTask,
     UnknownVersion,
 )
-from serving.metrics import UNKNOWN_TASK_LABEL, InferenceStatistics, ServingMetrics
+from serving.metrics import ServingMetrics
 from serving.repository import ModelRepository
-from serving.runtime import LoadedVersion, ReloadResult, Runtime, RuntimeConfig, tasks_of
+from serving.runtime import ReloadResult, Runtime, RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +109,6 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         return handler._replace(unary_unary=mapped)
 
 
-def input_spec(loaded: LoadedVersion, max_batch_size: int) -> InputSpec:
-    """The wire description of a loaded version's input and output."""
-    onnx = loaded.manifest.onnx
-    return InputSpec(onnx.input_name, loaded.input_shape, onnx.output_name, max_batch_size)
-
-
 def _server_version() -> str:
     try:
         return importlib.metadata.version("clnp")
@@ -121,19 +116,19 @@ def _server_version() -> str:
         return "0+unknown"
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The Open Inference Protocol over the runtime: every task is a model, named by the task."""
+def code_name(error: BaseException) -> str:
+    """The gRPC status code name an error is answered with (the metrics' `code` label)."""
+    return status_code_for(error).name
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        metrics: ServingMetrics,
-        statistics: InferenceStatistics,
-        is_shutting_down=lambda: False,
-    ) -> None:
-        self._runtime = runtime
-        self._metrics = metrics
-        self._statistics = statistics
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol over the data plane: every task is a model, named by the task.
+
+    Conversion only: the data plane resolves, runs, counts and describes.
+    """
+
+    def __init__(self, plane: DataPlane, is_shutting_down=lambda: False) -> None:
+        self._plane = plane
         self._shutting_down = is_shutting_down
         self._version = _server_version()
 
@@ -141,82 +136,51 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self._runtime.ready and not self._shutting_down())
+        return pb.ServerReadyResponse(ready=self._plane.ready and not self._shutting_down())
 
     def ModelReady(self, request, context):
-        try:
-            self._runtime.resolve(request.name, parse_version(request.version))
-        except (UnknownTask, UnknownVersion, NotReady):
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self._shutting_down())
+        ready = self._plane.model_ready(request.name, parse_version(request.version))
+        return pb.ModelReadyResponse(ready=ready and not self._shutting_down())
 
     def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS))
 
     def ModelMetadata(self, request, context):
-        target = self._runtime.resolve(request.name, parse_version(request.version))
-        holding = [lv.version for lv in self._runtime.loaded_versions() if lv.has_task(request.name)]
-        spec = input_spec(target.loaded, self._runtime.config.max_batch_size)
-        return model_metadata_response(request.name, holding, spec, len(target.task.classes))
+        return model_metadata_response(self._plane.describe(request.name, parse_version(request.version)))
+
+    def ModelConfig(self, request, context):
+        return model_config_response(self._plane.describe(request.name, parse_version(request.version)))
 
     def ModelInfer(self, request, context):
-        start = time.perf_counter_ns()
-        target, rows = None, 0
-        try:
+        with self._plane.call() as call:
             header = request_header(request)
-            target = self._runtime.resolve(header.model_name, header.model_version)
-            spec = input_spec(target.loaded, self._runtime.config.max_batch_size)
-            x = decode_input(request, spec)  # (B, *input_shape) float32
-            rows = len(x)
-            scores = self._runtime.run(target, x)  # (B, classes)
-            response = encode_infer_response(header.model_name, target.version, header.id, spec.output_name, scores)
-        except Exception as e:
-            self._observe(target, start, status_code_for(e).name, rows)
-            raise
-        self._observe(target, start, "OK", rows)
-        return response
-
-    def _observe(self, target, start_ns: int, code: str, rows: int) -> None:
-        duration = time.perf_counter_ns() - start_ns
-        label = UNKNOWN_TASK_LABEL if target is None else target.task.name
-        self._metrics.observe_request(label, code, duration / 1e9, rows)
-        if target is not None:
-            self._statistics.record(target.task.name, target.version, code == "OK", duration, rows)
+            target = call.resolve(header.model_name, header.model_version)
+            x = decode_input(request, self._plane.names(target))
+            scores = call.run(target, x)
+            return encode_infer_response(header.model_name, target.version, header.id,
+                                         self._plane.names(target).output_name, scores)
 
     def RepositoryIndex(self, request, context):
-        models = [
-            pb.RepositoryIndexResponse.ModelIndex(name=t.name, version=str(v), state="READY")
-            for t, versions in tasks_of(self._runtime.loaded_versions())
-            for v in versions
-        ]
+        models = [pb.RepositoryIndexResponse.ModelIndex(name=name, version=str(v), state="READY")
+                  for name, v in self._plane.repository_index()]
         return pb.RepositoryIndexResponse(models=models)
 
     def ModelStatistics(self, request, context):
-        version = parse_version(request.version)
-        stats = self._statistics.snapshot()
-        if request.name:
-            served = {t.name for lv in self._runtime.loaded_versions() for t in lv.manifest.tasks}
-            if request.name not in served and not any(name == request.name for name, _ in stats):
-                known = ", ".join(sorted(served)) or "(none)"
-                raise UnknownTask(f"unknown task (model) {request.name!r}; served tasks: {known}")
-        out = []
-        for (name, v), s in sorted(stats.items()):
-            if (request.name and name != request.name) or (version is not None and v != version):
-                continue
-            out.append(
-                pb.ModelStatistics(
-                    name=name,
-                    version=str(v),
-                    last_inference=s.last_inference_ms,
-                    inference_count=s.inference_count,
-                    execution_count=s.execution_count,
-                    inference_stats=pb.InferStatistics(
-                        success=pb.StatisticDuration(count=s.success_count, ns=s.success_ns),
-                        fail=pb.StatisticDuration(count=s.fail_count, ns=s.fail_ns),
-                    ),
-                )
+        rows = self._plane.task_statistics(request.name, parse_version(request.version))
+        return pb.ModelStatisticsResponse(model_stats=[
+            pb.ModelStatistics(
+                name=name,
+                version=str(v),
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
+                inference_stats=pb.InferStatistics(
+                    success=pb.StatisticDuration(count=s.success_count, ns=s.success_ns),
+                    fail=pb.StatisticDuration(count=s.fail_count, ns=s.fail_ns),
+                ),
             )
-        return pb.ModelStatisticsResponse(model_stats=out)
+            for name, v, s in rows
+        ])
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
@@ -295,6 +259,7 @@ class ClnpServer:
         self.config = config
         self.metrics: ServingMetrics | None = None
         self.runtime: Runtime | None = None
+        self.plane: DataPlane | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.Server | None = None
@@ -313,8 +278,9 @@ class ClnpServer:
         """Load the repository's newest version(s) and start serving."""
         cfg = self.config
         repository = ModelRepository.open(cfg.repository)
-        self.metrics = ServingMetrics(lambda: self.runtime.status(), lambda: self.runtime.ready)
-        self.runtime = Runtime(repository, cfg.runtime, observer=self.metrics.observe_execution)
+        self.runtime = Runtime(repository, cfg.runtime, observer=lambda *a: self.metrics.observe_execution(*a))
+        self.plane = DataPlane(self.runtime, code_name, cfg.max_message_bytes)
+        self.metrics = self.plane.metrics
         self.runtime.start()
 
         interceptors: list[grpc.ServerInterceptor] = []
@@ -333,9 +299,8 @@ class ClnpServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        statistics = InferenceStatistics()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.runtime, self.metrics, statistics, self._stopping.is_set), self._server
+            InferenceServicer(self.plane, self._stopping.is_set), self._server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.runtime, self.reload), self._server

@@ -64,6 +64,19 @@ def test_capacity_json(live):
     assert missing.exit_code == 1 and "NOT_FOUND" in missing.stderr
 
 
+def test_capacity_json_is_one_form_in_both_clis(live):
+    """clnp-train capacity --json (from the repository) and clnp-admin capacity --json (from the server) agree."""
+    from trainer.cli import cli as train_cli
+
+    server, repo = live
+    served = json.loads(admin("capacity", "--target", server.address, "--json").stdout)
+    local = CliRunner().invoke(train_cli, ["capacity", "-r", str(repo), "--json"])
+    assert local.exit_code == 0, local.output
+    assert json.loads(local.stdout) == served
+    est = served["estimated_additional_tasks"]
+    assert est == "unbounded" or isinstance(est, (int, float))
+
+
 def test_tasks_status_and_reload(live, template):
     server, repo = live
     result = admin("tasks", "--target", server.address)

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gen_protos.py"
 OURS = "serving._generated.inference.grpc_service_pb2"
 TRITON = "tritonclient.grpc.service_pb2"
+OURS_CONFIG = "serving._generated.inference.model_config_pb2"
+TRITON_CONFIG = "tritonclient.grpc.model_config_pb2"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -140,19 +142,26 @@ _SCHEMA = """
         out = {}
         for f in d.fields:
             out[f.name] = [f.number, f.type, f.label, f.message_type.full_name if f.message_type else "",
-                           f.containing_oneof.name if f.containing_oneof else ""]
+                           f.containing_oneof.name if f.containing_oneof else "",
+                           f.enum_type.full_name if f.enum_type else ""]
         return out
-    msgs = {}
+    msgs, enums = {}, {}
+    def walk_enum(e):
+        enums[e.full_name] = {v.name: v.number for v in e.values}
     def walk(d):
         msgs[d.full_name] = fields(d)
         for n in d.nested_types:
             walk(n)
+        for e in d.enum_types:
+            walk_enum(e)
     for d in mod.DESCRIPTOR.message_types_by_name.values():
         walk(d)
-    svc = mod.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for e in mod.DESCRIPTOR.enum_types_by_name.values():
+        walk_enum(e)
+    svc = mod.DESCRIPTOR.services_by_name.get("GRPCInferenceService")
     methods = {m.name: [m.input_type.full_name, m.output_type.full_name,
-                        m.client_streaming, m.server_streaming] for m in svc.methods}
-    print(json.dumps({"messages": msgs, "methods": methods}))
+                        m.client_streaming, m.server_streaming] for m in svc.methods} if svc else {}
+    print(json.dumps({"messages": msgs, "enums": enums, "methods": methods}))
 """
 
 
@@ -164,6 +173,22 @@ def test_schema_matches_triton():
         assert fields == triton["messages"][name], name
     for name, sig in ours["methods"].items():
         assert sig == triton["methods"][name], name
+    assert "ModelConfig" in ours["methods"]
+
+
+def test_model_config_is_a_field_exact_subset_of_tritons():
+    """ModelConfig declares only the fields we fill, each with Triton's number, type and label."""
+    ours, triton = _py(_SCHEMA, OURS_CONFIG), _py(_SCHEMA, TRITON_CONFIG)
+    assert {"inference.ModelConfig", "inference.ModelInput", "inference.ModelOutput"} <= set(ours["messages"])
+    for name, fields in ours["messages"].items():
+        if name.endswith("Entry"):  # map entries: key and value, numbered 1 and 2 by protobuf itself
+            assert fields == triton["messages"][name], name
+            continue
+        for field, spec in fields.items():
+            assert spec == triton["messages"][name][field], (name, field)
+    for name, values in ours["enums"].items():
+        assert values.items() <= triton["enums"][name].items(), name
+    assert ours["enums"]["inference.DataType"] == triton["enums"]["inference.DataType"]
 
 
 _WRITE = """

@@ -26,12 +26,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from serving._generated.clnp.admin.v1 import admin_pb2, admin_pb2_grpc
 from serving._generated.inference import grpc_service_pb2 as pb
 from serving._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.convert import InputSpec, decode_input, encode_infer_response
+from serving.convert import TensorNames, decode_input, encode_infer_response
 from serving.errors import InvalidInput, NotReady, RequestTooLarge, UnknownTask, UnknownVersion
 from serving.repository import ModelRepository
 from serving.runtime import LifecycleError, Runtime, RuntimeConfig
 from serving.server import ClnpServer, ErrorMappingInterceptor, ServerConfig
 from serving_helpers import (
+    DATA,
     ROOT,
     add_task_command,
     copy_repository,
@@ -152,7 +153,7 @@ def test_batched_results_equal_unbatched_under_concurrency(template):
 
 
 def test_runtime_errors(template, tmp_path):
-    runtime = Runtime(ModelRepository.open(template), RuntimeConfig(batching=False, max_batch_size=8))
+    runtime = Runtime(ModelRepository.open(template), RuntimeConfig(batching=False, max_batch_size=3, max_request_rows=8))
     runtime.start()
     with pytest.raises(UnknownTask, match="digits, fashion, pairs"):
         runtime.infer("nope", rows(1))
@@ -162,8 +163,12 @@ def test_runtime_errors(template, tmp_path):
         runtime.infer("digits", rows(1).astype(np.float64))
     with pytest.raises(InvalidInput, match="shape"):
         runtime.infer("digits", rows(1)[:, :10])
-    with pytest.raises(RequestTooLarge):
+    with pytest.raises(InvalidInput, match="empty batch"):
+        runtime.infer("digits", rows(0))
+    with pytest.raises(RequestTooLarge, match="limit of 8 rows"):
         runtime.infer("digits", rows(9))
+    x = rows(8, seed=4)  # the limit itself is served, as three calls of at most 3 rows
+    np.testing.assert_array_equal(runtime.infer("digits", x), expected(template, 3, "digits", x))
     runtime.close()
     with pytest.raises(NotReady):
         runtime.infer("digits", rows(1))
@@ -235,7 +240,7 @@ def test_runtime_skips_corrupt_version_and_retries_only_when_it_changes(template
 # ---- converters ----------------------------------------------------------------------------------
 
 
-SPEC = InputSpec("input", (784,), "scores", MAX_BATCH)
+SPEC = TensorNames("input", "scores")
 
 
 def test_decode_input_raw_typed_and_other_datatypes():
@@ -356,13 +361,18 @@ def _bad(kind: str) -> tuple[pb.ModelInferRequest, grpc.StatusCode, str]:
         r = pb.ModelInferRequest(model_name="digits")
         r.inputs.add(name="input", datatype="FP32", shape=[2, 784])
         return r, grpc.StatusCode.INVALID_ARGUMENT, "no data"
-    if kind == "over max batch":
-        return infer_request("digits", rows(MAX_BATCH + 1)), grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_BATCH}"
+    if kind == "empty batch":
+        return infer_request("digits", rows(0)), grpc.StatusCode.INVALID_ARGUMENT, "empty batch"
+    if kind == "negative dimension":
+        r = infer_request("digits", x)
+        r.inputs[0].shape[:] = [-1, 784]
+        return r, grpc.StatusCode.INVALID_ARGUMENT, "dimensions are [batch, ...] >= 0"
     raise ValueError(kind)
 
 
 BAD_KINDS = ["unknown task", "unknown version", "wrong datatype", "wrong shape", "wrong element count",
-             "wrong typed count", "missing input", "extra input", "wrong input name", "no data", "over max batch"]
+             "wrong typed count", "missing input", "extra input", "wrong input name", "no data", "empty batch",
+             "negative dimension"]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -374,6 +384,105 @@ def test_bad_request_then_good_request(stub, template, kind):
     assert text in e.value.details()
     x = rows(MAX_BATCH, seed=3)  # the largest allowed batch still works right after
     np.testing.assert_array_equal(scores_of(stub.ModelInfer(infer_request("digits", x))), expected(template, 3, "digits", x))
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics page, read with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for family in text_string_to_metric_families(text) for smp in family.samples}
+
+
+def test_a_request_larger_than_one_call_runs_as_several_in_order(server, stub, template):
+    """5,000 MNIST test images in one request: 79 ORT calls of at most 64 rows, one correct answer."""
+    from trainer.data import load_source
+
+    data = load_source("mnist", data_dir=str(DATA))
+    x, y = data.x_test[:5000].reshape(5000, -1).astype(np.float32), data.y_test[:5000]
+    calls = server.metrics.registry.get_sample_value
+    before = calls("clnp_execution_seconds_count")
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(server.address, options=options) as ch:
+        response = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(infer_request("digits", x), timeout=60)
+    got = scores_of(response)
+    assert got.shape == (5000, 10)
+    np.testing.assert_array_equal(got, expected(template, 3, "digits", x))
+    # the served answer scores the real test images as the trainer did when it published the task
+    trained = ModelRepository.open(template).read_manifest(3).task("digits").test_accuracy
+    assert abs((got.argmax(1) == y).mean() * 100 - trained) < 3, trained
+    assert calls("clnp_execution_seconds_count") - before >= -(-5000 // MAX_BATCH)  # it really was split
+
+
+def test_model_config_for_every_task(stub):
+    from serving.dataplane import rows_that_fit
+    from serving.server import DEFAULT_MAX_MESSAGE_BYTES
+
+    for task in TASKS:
+        config = stub.ModelConfig(pb.ModelConfigRequest(name=task)).config
+        assert (config.name, config.platform, config.backend) == (task, "onnxruntime_onnx", "onnxruntime")
+        # no row limit configured: a request may hold what fits in a message
+        assert config.max_batch_size == rows_that_fit(DEFAULT_MAX_MESSAGE_BYTES, (784,)) > 20000
+        assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("input", 11, [784])]  # TYPE_FP32
+        assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("scores", 11, [CLASSES[task]])]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 500
+        assert config.parameters["batch_rows"].string_value == str(MAX_BATCH)
+        assert config.parameters["clnp_version"].string_value == "3"
+    assert stub.ModelConfig(pb.ModelConfigRequest(name="pairs", version="3")).config.output[0].dims == [2]
+    for request, code in ((pb.ModelConfigRequest(name="nope"), grpc.StatusCode.NOT_FOUND),
+                          (pb.ModelConfigRequest(name="digits", version="1"), grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelConfig(request)
+        assert e.value.code() == code
+
+
+def test_request_row_limit_is_its_own_option(template, tmp_path):
+    repo = copy_repository(template, tmp_path / "repo", (3,))
+    config = ServerConfig(repository=repo, host="127.0.0.1", port=0, poll_interval=0,
+                          runtime=RuntimeConfig(max_batch_size=4, max_request_rows=10))
+    with ClnpServer(config) as s, grpc.insecure_channel(s.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ModelConfig(pb.ModelConfigRequest(name="digits")).config.max_batch_size == 10
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(infer_request("digits", rows(11)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 10 rows (--max-request-rows)" in e.value.details()
+        x = rows(10, seed=2)  # the limit itself, as calls of 4, 4 and 2 rows
+        np.testing.assert_array_equal(scores_of(stub.ModelInfer(infer_request("digits", x))),
+                                      expected(template, 3, "digits", x))
+
+
+def test_capacity_metrics_read_back_with_the_prometheus_parser(server, template):
+    from serving.capacity import capacity_report
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    samples = _samples(text)
+    report = capacity_report(ModelRepository.open(template).read_manifest(3))
+    for layer in report.layers:
+        assert samples[("clnp_units", (("layer", layer.name), ("owner", "FREE")))] == layer.free
+        assert samples[("clnp_layer_units", (("layer", layer.name),))] == layer.total
+        for task, owned in layer.owned_by_task.items():
+            assert samples[("clnp_units", (("layer", layer.name), ("owner", task)))] == owned
+        owners = [v for (name, labels), v in samples.items() if name == "clnp_units" and dict(labels)["layer"] == layer.name]
+        assert sum(owners) == layer.total  # FREE plus every owner is the whole layer
+    assert samples[("clnp_tasks_served", ())] == 3
+    assert samples[("clnp_forecast_additional_tasks", ())] == report.estimated_additional_tasks
+
+
+def test_execution_provider_refused_clearly_when_unavailable(template, tmp_path):
+    import onnxruntime as ort
+
+    with pytest.raises(ValueError, match="execution_provider must be one of cpu, cuda"):
+        RuntimeConfig(execution_provider="tpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider; the refusal cannot be shown here")
+    runtime = Runtime(ModelRepository.open(template), RuntimeConfig(execution_provider="cuda"))
+    with pytest.raises(RuntimeError, match="'cuda' .*not available.*available: .*CPUExecutionProvider"):
+        runtime.start()
+    repo = copy_repository(template, tmp_path / "repo", (3,))
+    with pytest.raises(RuntimeError, match="clnp-serve: error: execution provider 'cuda'") as e:
+        start_server(repo, tmp_path, "--execution-provider", "cuda")
+    assert "exited with 1" in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_health_and_reflection(channel):
@@ -558,6 +667,26 @@ def test_serving_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_metrics_port_0_means_a_free_port_and_no_option_means_off(template, tmp_path):
+    import re
+
+    repo = copy_repository(template, tmp_path / "repo", (3,))
+    server = start_server(repo, tmp_path, "--metrics-port", "0", "--poll-interval", "0")
+    try:
+        m = wait_until(lambda: re.search(r"clnp-serve metrics on 127\.0\.0\.1:(\d+)", server.log()))
+        port = int(m.group(1))
+        assert port != 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert _samples(text)[("clnp_tasks_served", ())] == 3
+    finally:
+        assert server.terminate() == 0, server.log()
+    quiet = start_server(repo, tmp_path, "--poll-interval", "0")
+    try:
+        assert "metrics on" not in quiet.log()
+    finally:
+        assert quiet.terminate() == 0, quiet.log()
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(template, tmp_path):

@@ -41,7 +41,8 @@ CLIENT_SCRIPT = textwrap.dedent(
         name, classes = task["name"], len(task["classes"])
         (local,) = session.run(["scores"], {"input": x, "task": np.full(5, task["index"], dtype=np.int64)})
         local = local[:, :classes]
-        result = {"ready": client.is_model_ready(name), "metadata": client.get_model_metadata(name, as_json=True)}
+        result = {"ready": client.is_model_ready(name), "metadata": client.get_model_metadata(name, as_json=True),
+                  "config": client.get_model_config(name, as_json=True)["config"]}
         tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)  # tritonclient.grpc sends raw_input_contents
         response = client.infer(name, [tensor], outputs=[grpcclient.InferRequestedOutput("scores")],
@@ -81,7 +82,7 @@ def served(tmp_path_factory):
     assert server.terminate() == 0, server.log()
 
 
-def test_tritonclient_gets_exactly_what_onnxruntime_computes(served):
+def test_tritonclient_gets_model_config_and_exactly_what_onnxruntime_computes(served):
     server, repo = served
     proc = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, server.target, str(repo / "3")],
                           env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -97,6 +98,12 @@ def test_tritonclient_gets_exactly_what_onnxruntime_computes(served):
         assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["3"]
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "784"]}]
         assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": ["-1", str(classes)]}]
+        config = result["config"]  # what perf_analyzer reads first
+        assert config["name"] == name and config["platform"] == "onnxruntime_onnx"
+        assert int(config["max_batch_size"]) > 20000  # no row limit: what fits in the 64 MiB message limit
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": ["784"]}]
+        assert config["output"] == [{"name": "scores", "data_type": "TYPE_FP32", "dims": [str(classes)]}]
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "500"
         for path in ("raw", "typed"):
             r = result[path]
             assert r["equal"], (name, path, r)

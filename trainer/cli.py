@@ -211,10 +211,7 @@ def capacity_cmd(repository, version, as_json):
 
     report = _run(lambda: capacity_report(ModelRepository.open(repository).read_manifest(version)))
     if as_json:
-        d = report.to_dict()
-        if d["estimated_additional_tasks"] == float("inf"):
-            d["estimated_additional_tasks"] = None
-        click.echo(json.dumps(d, indent=2))
+        click.echo(json.dumps(report.to_json(), indent=2, allow_nan=False))
     else:
         click.echo(format_capacity(report))
 
