@@ -1,27 +1,30 @@
-"""benchmarks/continual.py in quick mode: invariants of the results, not golden numbers."""
+"""benchmarks/continual (python -m benchmarks.continual) in quick mode: invariants of the results, not golden
+numbers; and its typed record of continual.json against the committed results."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO_ROOT
-from trainer.clnp import CLNPConfig
 
+sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is a folder of the repository, not an installed package
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("benchmark_continual", REPO_ROOT / "benchmarks" / "continual.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks.continual.cli import RESULTS, main, parse_args  # noqa: E402
+from benchmarks.continual.learners import CLNPLearner, diagonal_fisher  # noqa: E402
+from benchmarks.continual.record import ABSENT, CLNPReport, RecordError, Result  # noqa: E402
+from benchmarks.continual.scenarios import summarize  # noqa: E402
+from benchmarks.tasks import Task  # noqa: E402
+from trainer.clnp import CLNPConfig  # noqa: E402
+from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
 
-
-bench = _load_module()
+COMMITTED = REPO_ROOT / "benchmarks" / "results" / "continual.json"
 
 SECTIONS = ("settings", "machine", "published", "estimate", "ewc_selection", "headline", "sweep", "training_cost",
             "cnn", "plots", "total_wall_seconds")
@@ -31,8 +34,10 @@ METHODS = ("CLNP", "fine-tuning", "EWC", "single-task")
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("continual")
-    bench.main(["--quick", "--data-dir", str(data_dir), "--out", str(out)])
-    return out, json.loads((out / "continual.json").read_text())
+    returned = main(["--quick", "--data-dir", str(data_dir), "--out", str(out)])
+    res = json.loads((out / "continual.json").read_text())
+    assert isinstance(returned, Result) and returned.to_json() == res  # main returns what it wrote
+    return out, res
 
 
 def _runs(res):
@@ -133,9 +138,9 @@ def parts(tmp_path_factory, data_dir):
     """The quick run in two parts, as two processes on two cores would run the full one, then merged."""
     a, b, merged = (tmp_path_factory.mktemp(n) for n in ("part_a", "part_b", "merged"))
     common = ["--quick", "--data-dir", str(data_dir), "--no-estimate"]
-    bench.main(common + ["--out", str(a), "--methods", "clnp,single", "--no-cnn", "--cost-steps", "0"])
-    bench.main(common + ["--out", str(b), "--methods", "finetune,ewc", "--sweep-max-drop="])
-    bench.main(["--merge", str(a), str(b), "--out", str(merged)])
+    main(common + ["--out", str(a), "--methods", "clnp,single", "--no-cnn", "--cost-steps", "0"])
+    main(common + ["--out", str(b), "--methods", "finetune,ewc", "--sweep-max-drop="])
+    main(["--merge", str(a), str(b), "--out", str(merged)])
     return a, b, merged, json.loads((merged / "continual.json").read_text())
 
 
@@ -144,9 +149,9 @@ def more_seeds(tmp_path_factory, data_dir, parts):
     """A part that adds a second seed of CLNP alone, merged with the two parts above."""
     a, b, _, _ = parts
     c, merged = tmp_path_factory.mktemp("part_c"), tmp_path_factory.mktemp("merged_seeds")
-    bench.main(["--quick", "--data-dir", str(data_dir), "--no-estimate", "--out", str(c), "--methods", "clnp",
-                "--seeds", "1", "--no-cnn", "--cost-steps", "0", "--sweep-max-drop="])
-    bench.main(["--merge", str(a), str(b), str(c), "--out", str(merged)])
+    main(["--quick", "--data-dir", str(data_dir), "--no-estimate", "--out", str(c), "--methods", "clnp",
+          "--seeds", "1", "--no-cnn", "--cost-steps", "0", "--sweep-max-drop="])
+    main(["--merge", str(a), str(b), str(c), "--out", str(merged)])
     return c, merged, json.loads((merged / "continual.json").read_text())
 
 
@@ -192,27 +197,27 @@ def test_merge_adds_seeds_per_method(parts, more_seeds):
 def test_merge_refuses_what_does_not_fit(parts, tmp_path):
     a, b, _, _ = parts
     with pytest.raises(SystemExit, match=r"method CLNP \(seed 0\) is in both"):
-        bench.main(["--merge", str(a), str(a), "--out", str(tmp_path / "twice")])
+        main(["--merge", str(a), str(a), "--out", str(tmp_path / "twice")])
     other = json.loads((b / "continual.json").read_text())
     other["settings"]["epochs"] = 3
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "continual.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="epochs=3"):
-        bench.main(["--merge", str(a), str(tmp_path / "other"), "--out", str(tmp_path / "mixed")])
+        main(["--merge", str(a), str(tmp_path / "other"), "--out", str(tmp_path / "mixed")])
     with pytest.raises(SystemExit, match="not found"):
-        bench.main(["--merge", str(a), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+        main(["--merge", str(a), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "twice").exists() and not (tmp_path / "mixed").exists()
 
 
 @pytest.mark.parametrize("spec", ["mlp:784-12-10", "cnn:1x28x28-c3-c4-d6"])
 def test_diagonal_fisher_matches_per_sample_autograd(spec):
     """The closed-form per-sample squared gradients equal a loop of one-sample backward passes."""
-    net = bench.MaskedNetwork(bench.parse_network_spec(spec))
+    net = MaskedNetwork(parse_network_spec(spec))
     shape = net.spec.input_shape
     net.add_head(3, torch.full(shape, 0.01), torch.zeros(shape), generator=torch.Generator().manual_seed(1))
     x = torch.rand(7, *shape, generator=torch.Generator().manual_seed(2)) * 255
     y = torch.tensor([0, 1, 2, 0, 1, 2, 1])
-    fast = bench.diagonal_fisher(net, 0, x, labels=y, batch=3)
+    fast = diagonal_fisher(net, 0, x, labels=y, batch=3)
     params = [*net.weights, *net.biases]
     ref = [torch.zeros_like(p) for p in params]
     masks = [torch.ones(l.units) for l in net.spec.layers]
@@ -226,15 +231,102 @@ def test_diagonal_fisher_matches_per_sample_autograd(spec):
 
 def test_capacity_exhaustion_is_recorded():
     """A CLNP network with no FREE unit left stops learning and reports it instead of failing the run."""
-    spec = bench.parse_network_spec("mlp:784-4-4")
-    learner = bench.CLNPLearner(spec, bench.CLNPConfig(), "cpu")
+    spec = parse_network_spec("mlp:784-4-4")
+    learner = CLNPLearner(spec, CLNPConfig(), "cpu")
     learner.owners = [torch.zeros(4, dtype=torch.int64) for _ in range(2)]  # every unit owned by task 0
     x = torch.rand(8, 28, 28)
-    task = bench.Task("t", 10, torch.ones(28, 28), torch.zeros(28, 28), x, torch.zeros(8, dtype=torch.int64),
+    task = Task("t", 10, torch.ones(28, 28), torch.zeros(28, 28), x, torch.zeros(8, dtype=torch.int64),
                       x, torch.zeros(8, dtype=torch.int64), x, torch.zeros(8, dtype=torch.int64))
     learner.learn(1, task)
     assert learner.exhausted_at == 1 and "no free unit" in learner.exhausted_message
     assert learner.accuracy(1, x, task.y_test, "test") is None
-    assert learner.report()["capacity_exhausted_at_task"] == 1
-    s = bench.summarize([[90.0, 90.0], [None, None]], [1.0])
-    assert s["average_accuracy"] == 90.0 and s["tasks_counted"] == 1 and s["backward_transfer"] == 0.0
+    report = learner.report()
+    assert isinstance(report, CLNPReport) and report.capacity_exhausted_at_task == 1
+    s = summarize([[90.0, 90.0], [None, None]], [1.0])
+    assert s.average_accuracy == 90.0 and s.tasks_counted == 1 and s.backward_transfer == 0.0
+
+
+# ============================================================================ the typed record of continual.json
+
+
+def test_committed_result_round_trips():
+    """The committed results load into the typed record and write back to the same object, byte for byte."""
+    text = COMMITTED.read_text()
+    res = Result.read(COMMITTED)
+    assert res.to_json() == json.loads(text)
+    assert res.dumps() == text
+    assert res.settings.tasks == 10 and res.settings.seeds == [0, 1, 2]
+    assert res.settings.preset is ABSENT  # written before --preset: the key stays out on the way back
+    assert [p.folder for p in res.merged_from][:2] == ["/tmp/bench/full-a", "/tmp/bench/full-b"]
+    assert res.cnn is not None and res.cnn.runs[0].methods["CLNP"].clnp.zero_forgetting_all_identical
+    run0 = res.headline.runs[0]
+    assert list(run0.methods) == ["CLNP", "fine-tuning", "EWC", "single-task"]
+    assert run0.methods["EWC"].ewc.ewc_lambda == res.ewc_selection.winner
+    assert run0.methods["fine-tuning"].clnp is None and run0.methods["fine-tuning"].ewc is None
+    assert [r.own_run is None for r in res.sweep.rows] == [r.from_headline_run for r in res.sweep.rows]
+
+
+def _broken(edit) -> dict:
+    data = json.loads(COMMITTED.read_text())
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["headline"]["runs"][0]["methods"]["CLNP"].pop("accuracy_matrix"),
+     r'^headline\.runs\[0\]\.methods\["CLNP"\]: missing key \'accuracy_matrix\'$'),
+    (lambda d: d["headline"]["runs"][0]["methods"]["CLNP"]["tasks"][2].pop("free_after"),
+     r'^headline\.runs\[0\]\.methods\["CLNP"\]\.tasks\[2\]: missing key \'free_after\'$'),
+    (lambda d: d["headline"]["runs"][0]["methods"]["EWC"].pop("fisher_labels"),
+     r'^headline\.runs\[0\]\.methods\["EWC"\]: missing key \'fisher_labels\'$'),
+    (lambda d: d["settings"].update(tasks="10"), r'^settings\.tasks: expected an integer, got a string \("10"\)$'),
+    (lambda d: d["sweep"]["rows"][1].update(max_drop=None), r"^sweep\.rows\[1\]\.max_drop: expected a number, got null$"),
+    (lambda d: d["machine"].update(gpu="none"), r"^machine: unexpected key 'gpu'$"),
+    (lambda d: d.pop("plots"), r"^missing key 'plots'$"),
+    (lambda d: d.update(headline=[]), r"^headline: expected an object, got a list$"),
+    (lambda d: d["headline"].update(runs=[]), r'^headline\.runs: no run'),
+])
+def test_malformed_result_gives_a_one_line_error(edit, message):
+    with pytest.raises(RecordError, match=message) as e:
+        Result.from_json(_broken(edit))
+    assert "\n" not in str(e.value)
+
+
+def test_merge_names_the_file_and_key_that_do_not_fit(tmp_path):
+    """--merge with a part whose continual.json lacks a key stops with one line naming the file and the key."""
+    for name, edit in (("good", lambda d: None), ("bad", lambda d: d["training_cost"].pop("clnp_median"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "continual.json").write_text(json.dumps(_broken(edit)))
+    with pytest.raises(SystemExit) as e:
+        main(["--merge", str(tmp_path / "good"), str(tmp_path / "bad"), "--out", str(tmp_path / "merged")])
+    assert str(e.value) == f"--merge: {tmp_path / 'bad' / 'continual.json'}: training_cost: missing key 'clnp_median'"
+    (tmp_path / "bad" / "continual.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not readable as JSON"):
+        main(["--merge", str(tmp_path / "good"), str(tmp_path / "bad"), "--out", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+
+def test_skipped_sections_read_and_write_as_none():
+    data = _broken(lambda d: d.update(sweep={"skipped": True}, cnn={"skipped": True}, estimate={},
+                                      ewc_selection={"skipped": True, "winner": None}))
+    res = Result.from_json(data)
+    assert res.sweep is None and res.cnn is None and res.estimate is None and res.ewc_selection is None
+    assert res.to_json() == data
+
+
+def test_quick_and_partial_runs_never_default_to_the_committed_results(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where parse_args makes its new folders
+    for argv in (["--quick"], ["--methods", "clnp,single"], ["--quick", "--methods", "clnp,finetune,ewc,single"]):
+        out = Path(parse_args(argv).out)
+        assert out.parent == tmp_path and out.is_dir() and not any(out.iterdir()), argv
+    assert Path(parse_args([]).out) == RESULTS == REPO_ROOT / "benchmarks" / "results"
+    assert Path(parse_args(["--merge", "a", "b"]).out) == RESULTS
+    assert parse_args(["--quick", "--out", str(tmp_path / "mine")]).out == str(tmp_path / "mine")
+
+
+def test_runs_as_a_module_from_the_repository_root():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.continual", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m benchmarks.continual") and "--merge DIR" in done.stdout
+    assert "Continual-learning benchmark" in done.stdout
