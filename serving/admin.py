@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Callable
 
 from serving._generated.clnp.admin.v1 import admin_pb2 as pb
@@ -87,8 +88,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     runtime's own.
     """
 
-    def __init__(self, runtime: Runtime, reload: Callable[[bool], ReloadResult] | None = None) -> None:
+    def __init__(self, runtime: Runtime, reload: Callable[[bool], ReloadResult] | None = None,
+                 worker: tuple[int, int] = (0, 1)) -> None:
         self._runtime = runtime
+        self._worker = worker  # (index, count) of this server process
         self._reload = reload if reload is not None else (lambda force: runtime.reload(force=force))
 
     def Capacity(self, request, context):
@@ -135,4 +138,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             last_reload_time=status.last_reload_time or "",
             reloads=status.reloads,
             failed_reloads=status.failed_reloads,
+            worker=self._worker[0],
+            workers=self._worker[1],
+            pid=os.getpid(),
         )

@@ -54,12 +54,17 @@ DEFAULT_TARGET = "localhost:50051"
               help="Largest gRPC message, both directions.")
 @click.option("--shutdown-grace", default=10.0, type=click.FloatRange(0),
               help="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
+@click.option("--workers", default=1, type=click.IntRange(1),
+              help="Server processes sharing the port (SO_REUSEPORT), each with its own runtime; about one core each.")
+@click.option("--max-worker-restarts", default=5, type=click.IntRange(0),
+              help="With --workers > 1: restarts of crashed workers allowed per minute before the server exits 1.")
 @click.option("--execution-provider", default="cpu", type=click.Choice(["cpu", "cuda"]),
               help="ONNX Runtime execution provider; cuda needs the onnxruntime-gpu build (extra 'gpu') and a GPU.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve_main(repository, host, port, threads, intra_op_threads, keep_versions, max_batch_size, max_request_rows,
                batching, batch_timeout_us, poll_interval, metrics_port, metrics_host, token, require_token_for_inference,
-               tls_cert, tls_key, max_message_bytes, shutdown_grace, execution_provider, log_level):
+               tls_cert, tls_key, max_message_bytes, shutdown_grace, workers, max_worker_restarts, execution_provider,
+               log_level):
     """Serve every task of a CLNP model repository over the Open Inference Protocol (gRPC).
 
     Prints `clnp-serve listening on HOST:PORT` once it accepts calls. SIGTERM or SIGINT drains:
@@ -99,6 +104,8 @@ def serve_main(repository, host, port, threads, intra_op_threads, keep_versions,
         shutdown_grace=shutdown_grace,
     )
 
+    if workers > 1:
+        sys.exit(_serve_workers(config, workers, max_worker_restarts, log_level))
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -127,6 +134,43 @@ def serve_main(repository, host, port, threads, intra_op_threads, keep_versions,
         pass
     server.stop()
     sys.exit(0)
+
+
+def _serve_workers(config, workers: int, max_restarts: int, log_level: str) -> int:
+    """clnp-serve --workers N: run the supervisor (serving.workers) until SIGTERM/SIGINT; the exit code."""
+    from serving.repository import ModelRepository, RepositoryError
+    from serving.workers import StartupError, Supervisor
+
+    try:
+        ModelRepository.open(config.repository)  # fail fast, once, rather than in every worker
+    except RepositoryError as e:
+        click.echo(f"clnp-serve: error: {e}", err=True)
+        return 2
+    supervisor = Supervisor(config, workers, max_restarts=max_restarts, log_level=log_level)
+
+    def on_signal(signum, frame):
+        logger.info("received %s; draining %d workers", signal.Signals(signum).name, workers)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        supervisor.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, lambda *_: supervisor.relay_reload())  # a worker answered an admin Reload
+    try:
+        supervisor.start()
+    except StartupError as e:
+        click.echo(f"clnp-serve: error: {e}", err=True)
+        return e.exit_code
+    except OSError as e:
+        click.echo(f"clnp-serve: error: {e}", err=True)
+        return 1
+    click.echo(f"clnp-serve listening on {supervisor.address} ({workers} workers)")
+    if supervisor.metrics_port is not None:
+        click.echo(f"clnp-serve metrics on {config.metrics_host or config.host}:{supervisor.metrics_port}")
+    sys.stdout.flush()
+    code = supervisor.run()
+    logger.info("stopped" if code == 0 else "stopped with errors")
+    return code
 
 
 # ---- clnp-admin ------------------------------------------------------------------------------
@@ -312,10 +356,13 @@ def status(target, token, tls_ca, tls_server_name, timeout, as_json):
         "last_reload_time": r.last_reload_time,
         "last_reload_error": r.last_reload_error,
         "last_reload_error_version": r.last_reload_error_version,
+        "worker": r.worker,
+        "workers": r.workers,
+        "pid": r.pid,
     }
     if as_json:
         _echo_json(data)
         return
     width = max(map(len, data))
     for key, value in data.items():
-        click.echo(f"{key.ljust(width)}  {value if value not in ('', 0) or key == 'loaded_version' else '-'}")
+        click.echo(f"{key.ljust(width)}  {value if value not in ('', 0) or key in ('loaded_version', 'worker') else '-'}")

@@ -12,6 +12,7 @@ Prometheus endpoint and the repository watcher. `clnp-serve` (serving.cli) runs 
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import importlib.metadata
 import logging
@@ -229,6 +230,9 @@ class ServerConfig:
     tls_key: Path | None = None  # PEM private key
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both directions
     shutdown_grace: float = 10.0  # seconds in-flight calls get to finish at shutdown
+    reuse_port: bool = False  # bind with SO_REUSEPORT, so several server processes share the port
+    worker: int = 0  # this process's index among `workers` (clnp-serve --workers)
+    workers: int = 1  # server processes sharing the port
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -268,6 +272,8 @@ class ClnpServer:
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
+        # With several workers: tells the others to reload and says so in words (set by serving.workers).
+        self.peer_notifier = None
 
     @property
     def address(self) -> str:
@@ -296,14 +302,14 @@ class ClnpServer:
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.plane, self._stopping.is_set), self._server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.runtime, self.reload), self._server
+            AdminServicer(self.runtime, self.admin_reload, worker=(cfg.worker, cfg.workers)), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -335,6 +341,14 @@ class ClnpServer:
         result = self.runtime.reload(force=force)
         self._refresh_health()
         return result
+
+    def admin_reload(self, force: bool = True) -> ReloadResult:
+        """An admin Reload: this process reloads, and the other workers are told to (see `peer_notifier`)."""
+        result = self.reload(force=force)
+        if self.peer_notifier is None:
+            return result
+        return dataclasses.replace(result, message=f"{result.message} (worker {self.config.worker} of "
+                                   f"{self.config.workers}); {self.peer_notifier()}")
 
     def _refresh_health(self) -> None:
         with self._lock:

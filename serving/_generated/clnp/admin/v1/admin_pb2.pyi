@@ -126,17 +126,23 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("loaded_version", "last_reload_error", "last_reload_error_version", "last_reload_time", "reloads", "failed_reloads")
+    __slots__ = ("loaded_version", "last_reload_error", "last_reload_error_version", "last_reload_time", "reloads", "failed_reloads", "worker", "workers", "pid")
     LOADED_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_ERROR_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_TIME_FIELD_NUMBER: _ClassVar[int]
     RELOADS_FIELD_NUMBER: _ClassVar[int]
     FAILED_RELOADS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     loaded_version: int
     last_reload_error: str
     last_reload_error_version: int
     last_reload_time: str
     reloads: int
     failed_reloads: int
-    def __init__(self, loaded_version: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., last_reload_error_version: _Optional[int] = ..., last_reload_time: _Optional[str] = ..., reloads: _Optional[int] = ..., failed_reloads: _Optional[int] = ...) -> None: ...
+    worker: int
+    workers: int
+    pid: int
+    def __init__(self, loaded_version: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., last_reload_error_version: _Optional[int] = ..., last_reload_time: _Optional[str] = ..., reloads: _Optional[int] = ..., failed_reloads: _Optional[int] = ..., worker: _Optional[int] = ..., workers: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
