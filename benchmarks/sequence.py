@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# the repository root first, even when PYTHONPATH names it too: benchmarks/ (this script's folder, which Python puts
+# first) holds serving.py, which would shadow the `serving` package
+sys.path[:] = [str(REPO_ROOT)] + [p for p in sys.path if p != str(REPO_ROOT)]
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402

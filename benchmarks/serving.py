@@ -44,15 +44,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# the repository root first, even when PYTHONPATH names it too: benchmarks/ (this script's folder, which Python puts
+# first) holds serving.py, which would shadow the `serving` package
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]
 
 from serving.repository import MARKER_FILE, ModelRepository  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_NETWORK = "mlp:784-2000-2000"
 DEFAULT_WORK_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "clnp-serving-benchmark"
-DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "serving"
+COMMITTED_OUTPUT = ROOT / "benchmarks" / "results" / "serving"  # written only when --output says so
 LISTENING = re.compile(r"clnp-serve listening on (\S+):(\d+)")
 TARGET_RATIO = 0.75  # issue target at concurrency 32: throughput >= 0.75x the in-process floor ...
 TARGET_P99_MS = 50.0  # ... with p99 under 50 ms
@@ -187,6 +188,17 @@ def serve_command() -> list[str]:
     return [sys.executable, "-c", "from serving.cli import serve_main; serve_main()"]
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of pid (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 class Server:
     """A clnp-serve subprocess on 127.0.0.1 with a free port; `target` once it listens."""
 
@@ -222,9 +234,15 @@ class Server:
         return values
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time the server has used so far: its process and, with --workers, its live workers."""
+        total = 0.0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # a worker that just exited
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -390,7 +408,7 @@ def render_markdown(report: dict) -> str:
         f"request, each with its own stub, over {cfg['channels']} gRPC channel(s) (own TCP connection each; "
         "1, 4 and 32 channels measured within the noise of each other here, so one HTTP/2-multiplexed channel "
         "is the default, `--channels N` to change); "
-        f"server: `{' '.join(cfg['server_command'])}` (+ `--no-batching` for the second set). "
+        f"server: `{' '.join(cfg['server_command'])}` (+ the flags each row names: `--workers N`, `--no-batching`). "
         "Latency is the client's: from the call to the decoded response, gRPC and both processes' queuing included. "
         "On this 2-core machine client and server share the CPUs (last column: cores each kept busy).",
         "",
@@ -459,7 +477,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra clnp-serve argument (repeatable), e.g. --server-arg=--threads=32")
     p.add_argument("--skip-no-batching", action="store_true", help="only measure the default (batching) server")
     p.add_argument("--skip-memory", action="store_true", help="skip the 1-task vs N-task memory comparison")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="write OUTPUT.md and OUTPUT.json")
+    p.add_argument("--workers", default="1",
+                   help="comma-separated clnp-serve --workers counts measured with batching on, e.g. 1,2")
+    p.add_argument("--output", type=Path, default=None,
+                   help="write OUTPUT.md and OUTPUT.json [default: a new temporary folder; the committed results are "
+                        f"{COMMITTED_OUTPUT.relative_to(ROOT)}]")
     return p.parse_args(argv)
 
 
@@ -494,7 +516,13 @@ def main(argv=None) -> int:
         floors.append(f)
         print(f"floor (in-process ORT, {when}): {f.req_per_s} req/s, p50 {f.p50_ms} ms, p99 {f.p99_ms} ms", flush=True)
 
-    modes = [("batching", [])]
+    if args.output is None:
+        import tempfile
+
+        args.output = Path(tempfile.mkdtemp(prefix="clnp-serving-benchmark-")) / "serving"
+    worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    modes = [("batching" if w == 1 else f"batching, {w} workers", [] if w == 1 else ["--workers", str(w)])
+             for w in worker_counts]
     if not args.skip_no_batching:
         modes.append(("no batching", ["--no-batching"]))
     results: list[Measurement] = []

@@ -94,11 +94,13 @@ def run_unbatched(runner: Runner, x: np.ndarray, task_index: int, width: int, ma
 class MicroBatcher:
     """Runs concurrent requests, of any tasks, as one ORT call on one worker thread.
 
-    The worker takes the oldest queued chunk and whatever else is queued behind it, up to
-    `max_rows` rows in all. It never waits when the queue is empty (a lone request runs at once);
-    only when other requests were queued too (the server is under load) it waits up to `timeout_s`
-    for the batch to fill. Chunks on different loaded versions in one batch run as one call per
-    version.
+    One ORT call runs at a time. A request that finds the batcher idle (nothing running, nothing
+    queued) runs at once on the caller's own thread: at low load there is no hand-off to another
+    thread and back, which is most of a batch-1 call's overhead. Requests that arrive while a call
+    runs queue up; the worker thread takes the oldest queued chunk and whatever else is queued
+    behind it, up to `max_rows` rows in all, and when other requests were queued too (the server
+    is under load) waits up to `timeout_s` for the batch to fill. Chunks on different loaded
+    versions in one batch run as one call per version.
 
     A request larger than `max_rows` is split into consecutive chunks of at most `max_rows` rows,
     queued together and in order; its future resolves to the chunks' scores concatenated, or to the
@@ -113,6 +115,7 @@ class MicroBatcher:
         self._observer = observer
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
+        self._busy = False  # an ORT call runs (on a caller's thread or the worker's), or the worker fills a batch
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="clnp-batcher", daemon=True)
         self._thread.start()
@@ -123,8 +126,20 @@ class MicroBatcher:
         with self._cond:
             if self._closed:
                 raise NotReady("the server is shutting down")
-            self._queue.extend(chunks)
-            self._cond.notify()
+            inline = len(chunks) == 1 and not self._busy and not self._queue
+            if inline:
+                self._busy = True
+            else:
+                self._queue.extend(chunks)
+                self._cond.notify()
+        if inline:  # idle: run here, now
+            try:
+                self._run(chunks)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    if self._queue:
+                        self._cond.notify_all()
         return _gather([c.future for c in chunks])
 
     def close(self) -> None:
@@ -144,10 +159,11 @@ class MicroBatcher:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while self._busy or (not self._queue and not self._closed):
                     self._cond.wait()
                 if not self._queue:
                     return  # closed and drained
+                self._busy = True
                 batch = [self._queue.popleft()]
                 rows = self._take_queued(batch, len(batch[0].x))
                 if len(batch) > 1 and self._timeout_s > 0:
@@ -160,7 +176,11 @@ class MicroBatcher:
                         rows = self._take_queued(batch, rows)
                         if self._queue:  # the next one does not fit: the batch is as full as it gets
                             break
-            self._run(batch)
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _run(self, batch: list[_Pending]) -> None:
         groups: dict[int, list[_Pending]] = {}

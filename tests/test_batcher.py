@@ -23,6 +23,7 @@ class FakeRunner:
 
     def __init__(self, fail_when=None, gate: threading.Event | None = None) -> None:
         self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+        self.threads: list[str] = []  # the thread each call ran on
         self._fail_when = fail_when
         self._gate = gate
         self.entered = threading.Event()  # set once a call has started
@@ -32,6 +33,7 @@ class FakeRunner:
         if self._gate is not None:
             self._gate.wait(10)
         self.calls.append((x[:, 0].copy(), task_index.copy()))
+        self.threads.append(threading.current_thread().name)
         if self._fail_when is not None and self._fail_when(x):
             raise RuntimeError("the runtime failed on this call")
         return (x[:, :1] * 10 + task_index[:, None] + np.arange(WIDTH)[None, :] / 10).astype(np.float32)
@@ -54,15 +56,17 @@ def test_row_chunks():
     assert row_chunks(1, 256) == [slice(0, 1)]
 
 
-def test_a_lone_request_runs_at_once_as_one_call():
+def test_a_lone_request_runs_at_once_on_the_callers_thread():
     runner = FakeRunner()
     batcher = MicroBatcher(max_rows=8, timeout_s=5.0)  # a long timeout that a lone request must not wait for
     try:
         x = rows(0, 3)
-        np.testing.assert_array_equal(batcher.submit(runner, x, 2, 3).result(timeout=2), want(x, 2, 3))
+        future = batcher.submit(runner, x, 2, 3)
+        assert future.done()  # no hand-off to the worker thread: it ran inside submit
+        np.testing.assert_array_equal(future.result(), want(x, 2, 3))
     finally:
         batcher.close()
-    assert len(runner.calls) == 1
+    assert runner.threads == [threading.current_thread().name]
 
 
 def test_a_large_request_is_split_in_order_into_calls_of_at_most_max_rows():
@@ -83,16 +87,20 @@ def test_queued_requests_of_mixed_tasks_share_calls_and_each_gets_its_own_rows()
     runner = FakeRunner(gate=gate)
     batcher = MicroBatcher(max_rows=16, timeout_s=0)
     try:
-        first = batcher.submit(runner, rows(0, 1), 0, WIDTH)  # occupies the worker until the gate opens
-        assert runner.entered.wait(5)  # the worker is inside the first call: what follows queues up
+        holder: list = []  # the first request runs on its caller's thread (idle batcher) until the gate opens
+        caller = threading.Thread(target=lambda: holder.append(batcher.submit(runner, rows(0, 1), 0, WIDTH)))
+        caller.start()
+        assert runner.entered.wait(5)  # a call is running: what follows queues up
         requests = [(rows(10 * i, i + 1), i % 3, 2 + i % 3) for i in range(5)]  # 15 rows, three tasks, three widths
         futures = [batcher.submit(runner, x, task, width) for x, task, width in requests]
         gate.set()
         results = [f.result(timeout=5) for f in futures]
+        caller.join(5)
     finally:
         gate.set()
         batcher.close()
-    np.testing.assert_array_equal(first.result(timeout=1), want(rows(0, 1), 0, WIDTH))
+    np.testing.assert_array_equal(holder[0].result(timeout=1), want(rows(0, 1), 0, WIDTH))
+    assert runner.threads[0] == caller.name and set(runner.threads[1:]) == {"clnp-batcher"}
     for (x, task, width), got in zip(requests, results):
         np.testing.assert_array_equal(got, want(x, task, width))
     shared = [tasks for _, tasks in runner.calls if len(set(tasks.tolist())) > 1]
@@ -117,7 +125,7 @@ def test_close_finishes_queued_requests_then_refuses():
     gate = threading.Event()
     runner = FakeRunner(gate=gate)
     batcher = MicroBatcher(max_rows=2, timeout_s=0)
-    futures = [batcher.submit(runner, rows(i, 3), 0, WIDTH) for i in range(3)]
+    futures = [batcher.submit(runner, rows(i, 3), 0, WIDTH) for i in range(3)]  # 3 rows: split, so queued
     closer = threading.Thread(target=batcher.close)
     closer.start()
     gate.set()

@@ -62,7 +62,7 @@ def test_check_detects_changed_proto(tmp_path):
     proto = root / "protos" / "clnp" / "admin" / "v1" / "admin.proto"
     text = proto.read_text()
     assert "  int64 failed_reloads = 6;\n" in text
-    proto.write_text(text.replace("  int64 failed_reloads = 6;\n", "  int64 failed_reloads = 7;\n"))
+    proto.write_text(text.replace("  int64 failed_reloads = 6;\n", "  int64 failed_reloads = 16;\n"))
 
     proc = _run(str(SCRIPT), "--check", "--root", str(root))
     assert proc.returncode == 1
