@@ -225,12 +225,17 @@ class Server:
             time.sleep(0.05)
 
     def memory_kib(self) -> dict[str, int]:
-        """VmRSS and VmHWM (peak) of the server process, in KiB."""
-        values = {}
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
+        """VmRSS and VmHWM (peak) of the server, in KiB: with --workers, summed over the supervisor and its workers."""
+        values = {"VmRSS": 0, "VmHWM": 0}
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                key, _, rest = line.partition(":")
+                if key in values:
+                    values[key] += int(rest.split()[0])
         return values
 
     def cpu_seconds(self) -> float:
@@ -424,6 +429,16 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {r['label']} | {r['concurrency']} | {fmt(r['req_per_s'])} | {fmt(r['p50_ms'], 2)} | "
                      f"{fmt(r['p99_ms'], 2)} | {fmt(r['ratio_to_floor'], 2)} | "
                      f"{fmt(r['extra'].get('server_cores'), 2)} / {fmt(r['extra'].get('client_cores'), 2)} |")
+    if report.get("perf_analyzer"):
+        lines += ["", "Triton's perf_analyzer against the default server, in the same run (its own C++ client; "
+                      "requests for one task; each point a stable window of its own choosing):", "",
+                  "| client | concurrency | req/s | p50 ms | p99 ms | ratio to floor | server queue / compute us |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in report["perf_analyzer"]:
+            us = r["extra"]["server_us"]
+            lines.append(f"| perf_analyzer | {r['concurrency']} | {fmt(r['req_per_s'])} | {fmt(r['p50_ms'], 2)} | "
+                         f"{fmt(r['p99_ms'], 2)} | {fmt(r['ratio_to_floor'], 2)} | {us['Server Queue']} / "
+                         f"{us['Server Compute Input'] + us['Server Compute Infer'] + us['Server Compute Output']} |")
     t = report["target"]
     lines += [
         "",
@@ -453,6 +468,30 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- Triton's perf_analyzer --------------------------------------------------------------------
+
+
+def run_perf_analyzer(binary: Path, target: str, task: str, concurrency: int, window_ms: int, work_dir: Path,
+                      label: str) -> Measurement:
+    """One perf_analyzer point against a running server: its own client, its own figures (CSV)."""
+    import csv
+
+    out = work_dir / f"perf-analyzer-{_slug(label)}-c{concurrency}.csv"
+    cmd = [str(binary), "-m", task, "-u", target, "-i", "grpc", "--concurrency-range", f"{concurrency}:{concurrency}",
+           "--measurement-interval", str(window_ms), "--stability-percentage", "50", "-f", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not out.is_file():
+        tail = " ".join((proc.stdout + proc.stderr).split()[-40:])
+        raise RuntimeError(f"perf_analyzer failed ({proc.returncode}): {tail}")
+    row = next(csv.DictReader(out.open()))
+    m = Measurement(label=label, concurrency=concurrency, requests=0, errors=0, seconds=window_ms / 1000,
+                    req_per_s=round(float(row["Inferences/Second"]), 1), mean_ms=None,
+                    p50_ms=round(float(row["p50 latency"]) / 1000, 2), p99_ms=round(float(row["p99 latency"]) / 1000, 2))
+    m.extra["server_us"] = {k: int(row[k]) for k in ("Server Queue", "Server Compute Input", "Server Compute Infer",
+                                                      "Server Compute Output")}
+    return m
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -477,6 +516,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra clnp-serve argument (repeatable), e.g. --server-arg=--threads=32")
     p.add_argument("--skip-no-batching", action="store_true", help="only measure the default (batching) server")
     p.add_argument("--skip-memory", action="store_true", help="skip the 1-task vs N-task memory comparison")
+    p.add_argument("--perf-analyzer", type=Path, default=None,
+                   help="also measure the default server with Triton's perf_analyzer binary at these concurrencies "
+                        "(it needs LD_LIBRARY_PATH to reach libcudart; see README)")
     p.add_argument("--workers", default="1",
                    help="comma-separated clnp-serve --workers counts measured with batching on, e.g. 1,2")
     p.add_argument("--output", type=Path, default=None,
@@ -526,6 +568,7 @@ def main(argv=None) -> int:
     if not args.skip_no_batching:
         modes.append(("no batching", ["--no-batching"]))
     results: list[Measurement] = []
+    pa_results: list[Measurement] = []
     rss_after_load = {}
     server_command = None
     for label, extra in modes:
@@ -546,10 +589,17 @@ def main(argv=None) -> int:
                       f"  errors {m.errors}  cores server {m.extra['server_cores']} client {m.extra['client_cores']}",
                       flush=True)
             rss_after_load[label] = server.memory_kib()
+            if args.perf_analyzer is not None and label == "batching":
+                for c in concurrencies:
+                    m = run_perf_analyzer(args.perf_analyzer, server.target, request_tasks[0], c,
+                                          int(args.duration * 1000 / 2), args.work_dir, f"perf_analyzer, {label}")
+                    pa_results.append(m)
+                    print(f"perf_analyzer c={c:<3} {m.req_per_s:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  "
+                          f"p99 {m.p99_ms:7.2f} ms  server us {m.extra['server_us']}", flush=True)
 
     floor_run("after the servers")
     floor = max(floors, key=lambda f: f.req_per_s)
-    for m in results:
+    for m in [*results, *pa_results]:
         m.ratio_to_floor = round(m.req_per_s / floor.req_per_s, 3) if floor.req_per_s else None
 
     memory = []
@@ -596,6 +646,7 @@ def main(argv=None) -> int:
         "floor": asdict(floor),
         "floor_runs": [asdict(f) for f in floors],
         "results": [asdict(m) for m in results],
+        "perf_analyzer": [asdict(m) for m in pa_results],
         "target": target,
         "memory": memory,
         "rss_after_load": rss_after_load,

@@ -39,17 +39,29 @@ def row_chunks(rows: int, max_rows: int) -> list[slice]:
     return [slice(start, min(start + max_rows, rows)) for start in range(0, rows, max_rows)]
 
 
+class Timing:
+    """Where one request's time went: waiting for its ORT call(s), and in them (nanoseconds, summed over chunks)."""
+
+    __slots__ = ("queue_ns", "infer_ns")
+
+    def __init__(self) -> None:
+        self.queue_ns = 0
+        self.infer_ns = 0
+
+
 class _Pending:
     """One chunk of one request, waiting in the queue."""
 
-    __slots__ = ("runner", "x", "task_index", "width", "future")
+    __slots__ = ("runner", "x", "task_index", "width", "future", "timing", "submitted_ns")
 
-    def __init__(self, runner: Runner, x: np.ndarray, task_index: int, width: int) -> None:
+    def __init__(self, runner: Runner, x: np.ndarray, task_index: int, width: int, timing: Timing | None) -> None:
         self.runner = runner
         self.x = x  # (B, *input_shape) float32, B <= max_rows
         self.task_index = task_index
         self.width = width  # the task's number of classes
         self.future: Future = Future()
+        self.timing = timing  # filled before the future resolves
+        self.submitted_ns = time.perf_counter_ns()
 
 
 def _gather(parts: list[Future]) -> Future:
@@ -78,15 +90,18 @@ def _gather(parts: list[Future]) -> Future:
 
 
 def run_unbatched(runner: Runner, x: np.ndarray, task_index: int, width: int, max_rows: int,
-                  observer: ExecutionObserver | None = None) -> np.ndarray:
+                  observer: ExecutionObserver | None = None, timing: Timing | None = None) -> np.ndarray:
     """Scores (B, width) of one request, run at once in chunks of at most max_rows rows (no queue)."""
     out = []
     for part in row_chunks(len(x), max_rows):
         rows = x[part]
-        start = time.perf_counter()
+        start = time.perf_counter_ns()
         scores = runner.run(rows, np.full(len(rows), task_index, dtype=np.int64))
+        seconds = (time.perf_counter_ns() - start) / 1e9
+        if timing is not None:
+            timing.infer_ns += int(seconds * 1e9)
         if observer is not None:
-            observer(1, len(rows), time.perf_counter() - start)
+            observer(1, len(rows), seconds)
         out.append(scores[:, :width])
     return out[0] if len(out) == 1 else np.concatenate(out)
 
@@ -120,9 +135,12 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._work, name="clnp-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, runner: Runner, x: np.ndarray, task_index: int, width: int) -> Future:
-        """Queue one request; the future resolves to its scores (B, width). Raises NotReady once closed."""
-        chunks = [_Pending(runner, x[part], task_index, width) for part in row_chunks(len(x), self.max_rows)]
+    def submit(self, runner: Runner, x: np.ndarray, task_index: int, width: int, timing: Timing | None = None) -> Future:
+        """Queue one request; the future resolves to its scores (B, width). Raises NotReady once closed.
+
+        `timing`, when given, holds the request's queue and ORT time by the time the future resolves.
+        """
+        chunks = [_Pending(runner, x[part], task_index, width, timing) for part in row_chunks(len(x), self.max_rows)]
         with self._cond:
             if self._closed:
                 raise NotReady("the server is shutting down")
@@ -188,7 +206,8 @@ class MicroBatcher:
             groups.setdefault(id(item.runner), []).append(item)
         for items in groups.values():
             try:
-                start = time.perf_counter()
+                start_ns = time.perf_counter_ns()
+                start = start_ns / 1e9
                 if len(items) == 1:
                     x = items[0].x
                     task = np.full(len(x), items[0].task_index, dtype=np.int64)
@@ -196,7 +215,8 @@ class MicroBatcher:
                     x = np.concatenate([i.x for i in items])  # (sum B, *input_shape)
                     task = np.concatenate([np.full(len(i.x), i.task_index, dtype=np.int64) for i in items])
                 scores = items[0].runner.run(x, task)  # (sum B, max_classes)
-                seconds = time.perf_counter() - start
+                end_ns = time.perf_counter_ns()
+                seconds = end_ns / 1e9 - start
             except Exception as e:  # hand the failure to every waiting chunk; the worker lives on
                 for item in items:
                     item.future.set_exception(e)
@@ -204,6 +224,9 @@ class MicroBatcher:
             offset = 0
             for item in items:
                 n = len(item.x)
+                if item.timing is not None:
+                    item.timing.queue_ns += max(0, start_ns - item.submitted_ns)
+                    item.timing.infer_ns += end_ns - start_ns
                 item.future.set_result(scores[offset:offset + n, :item.width])
                 offset += n
             if self._observer is not None:
@@ -213,4 +236,4 @@ class MicroBatcher:
                     logger.exception("batch observer failed")
 
 
-__all__ = ["ExecutionObserver", "MicroBatcher", "Runner", "row_chunks", "run_unbatched"]
+__all__ = ["ExecutionObserver", "MicroBatcher", "Runner", "Timing", "row_chunks", "run_unbatched"]

@@ -26,7 +26,8 @@ import numpy as np
 from serving.capacity import CapacityReport, capacity_report
 from serving.convert import ModelDescription, TensorNames
 from serving.errors import NotReady, UnknownTask, UnknownVersion
-from serving.metrics import UNKNOWN_TASK_LABEL, InferenceStatistics, ServingMetrics, TaskStatistics
+from serving.batcher import Timing
+from serving.metrics import UNKNOWN_TASK_LABEL, InferenceStatistics, Phases, ServingMetrics, TaskStatistics
 from serving.runtime import LoadedVersion, Runtime, Target, tasks_of
 
 FP32_BYTES = 4
@@ -47,6 +48,9 @@ class InferCall:
         self._target: Target | None = None
         self._rows = 0
         self._start = 0
+        self._resolved = 0  # when the target was known: decoding starts
+        self._ran: tuple[int, int] = (0, 0)  # (start, end) of the runtime call
+        self._timing = Timing()
 
     def __enter__(self) -> "InferCall":
         self._start = time.perf_counter_ns()
@@ -55,16 +59,26 @@ class InferCall:
     def resolve(self, task: str, version: int | None) -> Target:
         """The loaded version and task the request runs on."""
         self._target = self._plane.runtime.resolve(task, version)
+        self._resolved = time.perf_counter_ns()
         return self._target
 
     def run(self, target: Target, x: np.ndarray) -> np.ndarray:
         """Scores (B, classes) of the request's rows."""
         self._rows = len(x)
-        return self._plane.runtime.run(target, x)
+        start = time.perf_counter_ns()
+        scores = self._plane.runtime.run(target, x, self._timing)
+        self._ran = (start, time.perf_counter_ns())
+        return scores
 
     def __exit__(self, exc_type, exc, tb) -> None:
         code = "OK" if exc is None else self._plane.code_of(exc)
-        self._plane.record(self._target, self._start, code, self._rows)
+        phases = None
+        if exc is None and self._ran[1]:
+            phases = Phases(queue_ns=self._timing.queue_ns,
+                            compute_input_ns=max(0, self._ran[0] - self._resolved),
+                            compute_infer_ns=self._timing.infer_ns,
+                            compute_output_ns=max(0, time.perf_counter_ns() - self._ran[1]))
+        self._plane.record(self._target, self._start, code, self._rows, phases)
 
 
 class DataPlane:
@@ -90,13 +104,13 @@ class DataPlane:
         onnx = target.loaded.manifest.onnx
         return TensorNames(onnx.input_name, onnx.output_name)
 
-    def record(self, target: Target | None, start_ns: int, code: str, rows: int) -> None:
+    def record(self, target: Target | None, start_ns: int, code: str, rows: int, phases: Phases | None = None) -> None:
         """Count one finished ModelInfer call in the metrics and the statistics."""
         duration = time.perf_counter_ns() - start_ns
         label = UNKNOWN_TASK_LABEL if target is None else target.task.name
         self.metrics.observe_request(label, code, duration / 1e9, rows)
         if target is not None:
-            self.statistics.record(target.task.name, target.version, code == "OK", duration, rows)
+            self.statistics.record(target.task.name, target.version, code == "OK", duration, rows, phases)
 
     # ---- what the server says about its tasks ---------------------------------------------
 
@@ -150,6 +164,10 @@ class DataPlane:
     def task_statistics(self, task: str, version: int | None) -> list[tuple[str, int, TaskStatistics]]:
         """ModelStatistics rows, by task and version; an empty `task` means all (raises UnknownTask)."""
         stats = self.statistics.snapshot()
+        # Like Triton, every loaded (task, version) has an entry, zero before its first request: clients such as
+        # perf_analyzer look the model up in the statistics before they send anything.
+        for name, v in self.repository_index():
+            stats.setdefault((name, v), TaskStatistics())
         if task:
             served = {t.name for lv in self.runtime.loaded_versions() for t in lv.manifest.tasks}
             if task not in served and not any(name == task for name, _ in stats):

@@ -161,15 +161,33 @@ class ServingMetrics:
 
 @dataclass
 class TaskStatistics:
-    """Counts and durations of one task on one version (the ModelStatistics fields we fill)."""
+    """Counts and durations of one task on one version (the ModelStatistics fields we fill).
+
+    Like Triton's: queue, compute_input (decoding the request), compute_infer (the ONNX Runtime calls that held its
+    rows) and compute_output (encoding the answer) are counted once per successful request.
+    """
 
     success_count: int = 0
     success_ns: int = 0
     fail_count: int = 0
     fail_ns: int = 0
+    queue_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
     inference_count: int = 0  # rows inferred
     execution_count: int = 0  # successful requests
     last_inference_ms: int = 0  # Unix time of the last success, milliseconds
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Where one successful request's time went, in nanoseconds."""
+
+    queue_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
 
 
 class InferenceStatistics:
@@ -179,7 +197,8 @@ class InferenceStatistics:
         self._lock = threading.Lock()
         self._stats: dict[tuple[str, int], TaskStatistics] = {}
 
-    def record(self, task: str, version: int, ok: bool, duration_ns: int, rows: int) -> None:
+    def record(self, task: str, version: int, ok: bool, duration_ns: int, rows: int,
+               phases: Phases | None = None) -> None:
         """Count one request for a served task."""
         with self._lock:
             s = self._stats.setdefault((task, version), TaskStatistics())
@@ -189,6 +208,11 @@ class InferenceStatistics:
                 s.inference_count += rows
                 s.execution_count += 1
                 s.last_inference_ms = int(time.time() * 1000)
+                if phases is not None:
+                    s.queue_ns += phases.queue_ns
+                    s.compute_input_ns += phases.compute_input_ns
+                    s.compute_infer_ns += phases.compute_infer_ns
+                    s.compute_output_ns += phases.compute_output_ns
             else:
                 s.fail_count += 1
                 s.fail_ns += duration_ns

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from serving.batcher import ExecutionObserver, MicroBatcher, run_unbatched
+from serving.batcher import ExecutionObserver, MicroBatcher, Timing, run_unbatched
 from serving.errors import InvalidInput, NotReady, RequestTooLarge, UnknownTask, UnknownVersion
 from serving.repository import (
     MANIFEST_FILE,
@@ -366,8 +366,10 @@ class Runtime:
         """
         return self.run(self.resolve(task, version), x)
 
-    def run(self, target: Target, x: np.ndarray) -> np.ndarray:
+    def run(self, target: Target, x: np.ndarray, timing: Timing | None = None) -> np.ndarray:
         """Scores (B, classes) of `target`'s task for x (B, *input_shape), batched with others when enabled.
+
+        `timing`, when given, is filled with the time the request waited for its ORT calls and spent in them.
 
         This is where a request's rows are checked against the model, once: a float32 array of
         shape (B, *input_shape) with B >= 1, and B within `max_request_rows` when that is set. A
@@ -391,8 +393,9 @@ class Runtime:
         x = np.ascontiguousarray(x)
         width = len(target.task.classes)
         if self._batcher is not None:
-            return self._batcher.submit(target.loaded, x, target.task.index, width).result()
-        return run_unbatched(target.loaded, x, target.task.index, width, self.config.max_batch_size, self._observer)
+            return self._batcher.submit(target.loaded, x, target.task.index, width, timing).result()
+        return run_unbatched(target.loaded, x, target.task.index, width, self.config.max_batch_size, self._observer,
+                             timing)
 
     # ---- reloading -------------------------------------------------------------------------
 

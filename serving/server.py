@@ -178,6 +178,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 inference_stats=pb.InferStatistics(
                     success=pb.StatisticDuration(count=s.success_count, ns=s.success_ns),
                     fail=pb.StatisticDuration(count=s.fail_count, ns=s.fail_ns),
+                    queue=pb.StatisticDuration(count=s.success_count, ns=s.queue_ns),
+                    compute_input=pb.StatisticDuration(count=s.success_count, ns=s.compute_input_ns),
+                    compute_infer=pb.StatisticDuration(count=s.success_count, ns=s.compute_infer_ns),
+                    compute_output=pb.StatisticDuration(count=s.success_count, ns=s.compute_output_ns),
                 ),
             )
             for name, v, s in rows

@@ -414,6 +414,16 @@ def test_a_request_larger_than_one_call_runs_as_several_in_order(server, stub, t
     assert calls("clnp_execution_seconds_count") - before >= -(-5000 // MAX_BATCH)  # it really was split
 
 
+def test_statistics_list_every_loaded_task_before_its_first_request(template, tmp_path):
+    """perf_analyzer looks a model up in ModelStatistics before it sends a request, as Triton lists every model."""
+    repo = copy_repository(template, tmp_path / "repo", (3,))
+    with ClnpServer(ServerConfig(repository=repo, host="127.0.0.1", port=0, poll_interval=0)) as s, \
+            grpc.insecure_channel(s.address) as ch:
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest()).model_stats
+        assert {(m.name, m.version) for m in stats} == {(t, "3") for t in TASKS}
+        assert all(m.inference_stats.success.count == 0 for m in stats)
+
+
 def test_model_config_for_every_task(stub):
     from serving.dataplane import rows_that_fit
     from serving.server import DEFAULT_MAX_MESSAGE_BYTES
@@ -505,6 +515,12 @@ def test_statistics_index_and_metrics(server, stub):
     stats = {(s.name, s.version): s for s in stub.ModelStatistics(pb.ModelStatisticsRequest()).model_stats}
     digits = stats[("digits", "3")]
     assert digits.inference_stats.success.count >= 1 and digits.inference_count >= 3 and digits.inference_stats.success.ns > 0
+    # Triton's breakdown, which perf_analyzer reads: one count per successful request in each phase, and the
+    # phases fit inside the request's own time
+    i = digits.inference_stats
+    phases = (i.queue, i.compute_input, i.compute_infer, i.compute_output)
+    assert all(p.count == i.success.count for p in phases)
+    assert i.compute_infer.ns > 0 and sum(p.ns for p in phases) <= i.success.ns
     only = stub.ModelStatistics(pb.ModelStatisticsRequest(name="pairs")).model_stats
     assert [s.name for s in only] == ["pairs"]
     index = stub.RepositoryIndex(pb.RepositoryIndexRequest())
