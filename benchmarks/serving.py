@@ -54,7 +54,7 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_NETWORK = "mlp:784-2000-2000"
 DEFAULT_WORK_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "clnp-serving-benchmark"
 COMMITTED_OUTPUT = ROOT / "benchmarks" / "results" / "serving"  # written only when --output says so
-LISTENING = re.compile(r"clnp-serve listening on (\S+):(\d+)")
+LISTENING = re.compile(r"(?:clnp-serve|kserve-peer) listening on (\S+):(\d+)")
 TARGET_RATIO = 0.75  # issue target at concurrency 32: throughput >= 0.75x the in-process floor ...
 TARGET_P99_MS = 50.0  # ... with p99 under 50 ms
 TARGET_CONCURRENCY = 32
@@ -202,10 +202,16 @@ def _children(pid: int) -> list[int]:
 class Server:
     """A clnp-serve subprocess on 127.0.0.1 with a free port; `target` once it listens."""
 
-    def __init__(self, repository: Path, log_dir: Path, args: list[str], timeout: float = 120) -> None:
+    def __init__(self, repository: Path, log_dir: Path, args: list[str], timeout: float = 120,
+                 program: list[str] | None = None) -> None:
+        """program: what to run instead of clnp-serve (the KServe peer); it gets --repository and ARGS."""
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"clnp-serve-{int(time.time() * 1000)}.log"
-        self.command = [*serve_command(), "--repository", str(repository), "--host", "127.0.0.1", "--port", "0", *args]
+        self.log_path = log_dir / f"server-{int(time.time() * 1000)}.log"
+        if program is None:
+            self.command = [*serve_command(), "--repository", str(repository), "--host", "127.0.0.1", "--port", "0",
+                            *args]
+        else:
+            self.command = [*program, "--repository", str(repository), *args]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("CLNP_TOKEN", None)
@@ -519,6 +525,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--perf-analyzer", type=Path, default=None,
                    help="also measure the default server with Triton's perf_analyzer binary at these concurrencies "
                         "(it needs LD_LIBRARY_PATH to reach libcudart; see README)")
+    p.add_argument("--kserve-python", type=Path, default=None,
+                   help="also measure KServe's model server over the same ONNX model (benchmarks/kserve_peer.py), "
+                        "run by this interpreter: one from a virtual environment with kserve installed")
     p.add_argument("--workers", default="1",
                    help="comma-separated clnp-serve --workers counts measured with batching on, e.g. 1,2")
     p.add_argument("--output", type=Path, default=None,
@@ -567,14 +576,17 @@ def main(argv=None) -> int:
              for w in worker_counts]
     if not args.skip_no_batching:
         modes.append(("no batching", ["--no-batching"]))
+    if args.kserve_python is not None:
+        modes.append(("KServe peer", None))
     results: list[Measurement] = []
     pa_results: list[Measurement] = []
     rss_after_load = {}
     server_command = None
     for label, extra in modes:
         floor_run(f"before the {label} server")
-        with Server(repository, log_dir, [*extra, *args.server_arg]) as server:
-            server_command = server_command or server.command
+        peer = [str(args.kserve_python), str(ROOT / "benchmarks" / "kserve_peer.py")] if extra is None else None
+        with Server(repository, log_dir, [] if peer else [*extra, *args.server_arg], program=peer) as server:
+            server_command = server_command or (None if peer else server.command)
             warm_server(server.target, requests)
             for c in concurrencies:
                 server_cpu, client_cpu, wall = server.cpu_seconds(), time.process_time(), time.perf_counter()

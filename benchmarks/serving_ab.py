@@ -7,6 +7,7 @@ This runs both servers at once and alternates short windows between them, round 
 drift hits both alike; it reports each side's median and every window.
 
     python benchmarks/serving_ab.py --repository DIR --a= --b=--no-batching --concurrency 1 --rounds 6
+    python benchmarks/serving_ab.py --repository DIR --kserve-python /path/to/kserve-venv/bin/python --concurrency 1
 
 The client and the servers are those of benchmarks/serving.py. Prints a markdown table; writes nothing.
 """
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--a", default="", help="clnp-serve flags of side A (default: none)")
     p.add_argument("--b", default="--no-batching", help="clnp-serve flags of side B")
+    p.add_argument("--kserve-python", type=Path, default=None,
+                   help="make side B KServe's model server over the same ONNX model (benchmarks/kserve_peer.py), run "
+                        "by this interpreter (a virtual environment with kserve); --b is then ignored")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--window", type=float, default=2.0, help="measured seconds per window")
@@ -47,12 +51,16 @@ def main(argv=None) -> int:
     tasks = [t.name for t in manifest.tasks[: max(1, args.spread)]]
     x = np.random.default_rng(0).integers(0, 256, size=(1, *manifest.input_shape)).astype(np.float32)
     requests = bench.make_requests(manifest, tasks, x)
-    sides = {f"A: `{args.a or '(defaults)'}`": shlex.split(args.a), f"B: `{args.b or '(defaults)'}`": shlex.split(args.b)}
+    sides = {f"A: `{args.a or '(defaults)'}`": (shlex.split(args.a), None)}
+    if args.kserve_python is not None:
+        sides["B: KServe peer"] = ([], [str(args.kserve_python), str(Path(__file__).resolve().parent / "kserve_peer.py")])
+    else:
+        sides[f"B: `{args.b or '(defaults)'}`"] = (shlex.split(args.b), None)
     windows: dict[str, list[float]] = {k: [] for k in sides}
     servers = {}
     try:
-        for name, flags in sides.items():
-            servers[name] = bench.Server(args.repository, bench.DEFAULT_WORK_DIR / "logs", flags)
+        for name, (flags, program) in sides.items():
+            servers[name] = bench.Server(args.repository, bench.DEFAULT_WORK_DIR / "logs", flags, program=program)
             bench.warm_server(servers[name].target, requests)
         for _ in range(args.rounds):
             for name, server in servers.items():
