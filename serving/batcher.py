@@ -40,19 +40,28 @@ def row_chunks(rows: int, max_rows: int) -> list[slice]:
 
 
 class Timing:
-    """Where one request's time went: waiting for its ORT call(s), and in them (nanoseconds, summed over chunks)."""
+    """Where one request's time went (nanoseconds): in its own ORT calls, and waiting for them.
 
-    __slots__ = ("queue_ns", "infer_ns")
+    For a request split into chunks, waiting includes the time between its chunks while other requests' calls ran,
+    but not the time its own earlier chunks ran.
+    """
+
+    __slots__ = ("submitted_ns", "finished_ns", "infer_ns")
 
     def __init__(self) -> None:
-        self.queue_ns = 0
-        self.infer_ns = 0
+        self.submitted_ns = 0  # when it was handed to the batcher
+        self.finished_ns = 0  # when its last ORT call ended
+        self.infer_ns = 0  # its ORT calls, summed
+
+    @property
+    def queue_ns(self) -> int:
+        return max(0, self.finished_ns - self.submitted_ns - self.infer_ns) if self.finished_ns else 0
 
 
 class _Pending:
     """One chunk of one request, waiting in the queue."""
 
-    __slots__ = ("runner", "x", "task_index", "width", "future", "timing", "submitted_ns")
+    __slots__ = ("runner", "x", "task_index", "width", "future", "timing")
 
     def __init__(self, runner: Runner, x: np.ndarray, task_index: int, width: int, timing: Timing | None) -> None:
         self.runner = runner
@@ -61,7 +70,6 @@ class _Pending:
         self.width = width  # the task's number of classes
         self.future: Future = Future()
         self.timing = timing  # filled before the future resolves
-        self.submitted_ns = time.perf_counter_ns()
 
 
 def _gather(parts: list[Future]) -> Future:
@@ -93,13 +101,17 @@ def run_unbatched(runner: Runner, x: np.ndarray, task_index: int, width: int, ma
                   observer: ExecutionObserver | None = None, timing: Timing | None = None) -> np.ndarray:
     """Scores (B, width) of one request, run at once in chunks of at most max_rows rows (no queue)."""
     out = []
+    if timing is not None:
+        timing.submitted_ns = time.perf_counter_ns()
     for part in row_chunks(len(x), max_rows):
         rows = x[part]
         start = time.perf_counter_ns()
         scores = runner.run(rows, np.full(len(rows), task_index, dtype=np.int64))
-        seconds = (time.perf_counter_ns() - start) / 1e9
+        end = time.perf_counter_ns()
+        seconds = (end - start) / 1e9
         if timing is not None:
-            timing.infer_ns += int(seconds * 1e9)
+            timing.infer_ns += end - start
+            timing.finished_ns = end
         if observer is not None:
             observer(1, len(rows), seconds)
         out.append(scores[:, :width])
@@ -140,6 +152,8 @@ class MicroBatcher:
 
         `timing`, when given, holds the request's queue and ORT time by the time the future resolves.
         """
+        if timing is not None:
+            timing.submitted_ns = time.perf_counter_ns()
         chunks = [_Pending(runner, x[part], task_index, width, timing) for part in row_chunks(len(x), self.max_rows)]
         with self._cond:
             if self._closed:
@@ -225,8 +239,8 @@ class MicroBatcher:
             for item in items:
                 n = len(item.x)
                 if item.timing is not None:
-                    item.timing.queue_ns += max(0, start_ns - item.submitted_ns)
                     item.timing.infer_ns += end_ns - start_ns
+                    item.timing.finished_ns = max(item.timing.finished_ns, end_ns)
                 item.future.set_result(scores[offset:offset + n, :item.width])
                 offset += n
             if self._observer is not None:

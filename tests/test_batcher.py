@@ -144,3 +144,18 @@ def test_unbatched_runs_split_too_and_report_each_call():
     got = run_unbatched(runner, x, 2, 3, max_rows=2, observer=lambda n, r, s: seen.append((n, r)))
     np.testing.assert_array_equal(got, want(x, 2, 3))
     assert seen == [(1, 2), (1, 2), (1, 1)]
+
+
+def test_timing_of_a_split_request_counts_its_own_calls_once():
+    from serving.batcher import Timing
+
+    runner = FakeRunner()
+    batcher = MicroBatcher(max_rows=2, timeout_s=0)
+    timing = Timing()
+    try:
+        batcher.submit(runner, rows(0, 5), 0, WIDTH, timing).result(timeout=5)
+    finally:
+        batcher.close()
+    assert len(runner.calls) == 3 and timing.infer_ns > 0
+    # waiting is what is left of the request's span once its own three calls are taken out: never their sum again
+    assert timing.queue_ns + timing.infer_ns == timing.finished_ns - timing.submitted_ns
