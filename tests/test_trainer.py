@@ -368,3 +368,43 @@ def test_parity_check_scales_with_the_logits_and_still_catches_a_wrong_mask_or_h
         net.head_biases[2][0] += 1e-2 * float(net.head_weights[2].abs().max())  # a slightly wrong head
     with pytest.raises(ExportError, match="task 2"):
         check_parity(onnx_bytes, net, owners, probes)
+
+
+def _without_dac_override() -> list[str] | None:
+    """A command prefix under which this user cannot write a folder it may not write (None: none available here).
+
+    As root, the permission bits bind only once CAP_DAC_OVERRIDE is dropped (setpriv, util-linux); any other
+    user is bound by them already.
+    """
+    if os.getuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    return None if setpriv is None else [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["existing folder", "folder to create"])
+def test_unwritable_repository_is_one_line_before_any_training(tmp_path, data_dir, exists):
+    prefix = _without_dac_override()
+    if prefix is None:
+        pytest.skip("no way to drop root's permission override here (setpriv missing)")
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    repo = parent / "repo"
+    if exists:
+        repo.mkdir()
+        repo.chmod(0o555)
+    else:
+        parent.chmod(0o555)
+    try:
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-c", "from trainer.cli import main; main()", "add-task", "-r", str(repo),
+             "-t", "digits", "-d", "mnist", "--data-dir", str(data_dir), "--network", "mlp:784-16-16"],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    finally:
+        (repo if exists else parent).chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write to the model repository"), proc.stderr
+    assert "Permission denied" in lines[0] and "--user" in lines[0]
+    assert (not repo.exists()) or list(repo.iterdir()) == []  # nothing written, nothing half-published

@@ -33,6 +33,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             KeyError)
 
 
+def check_writable(repository: str) -> None:
+    """Fail fast, before any training, with one line when this user cannot write the repository (exit 2).
+
+    Probes by creating and removing a file: permission bits, ownership, read-only mounts and ACLs all show,
+    and root's own capabilities count as they really are.
+    """
+    import tempfile
+    from pathlib import Path
+
+    path = Path(repository)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # a repository yet to be created: its nearest existing folder must take it
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".clnp-write-check-"):
+            pass
+    except OSError as e:
+        where = str(path) if probe == path else f"{probe} (to create {path})"
+        _fail(f"cannot write to the model repository: {where}: {e.strerror or e} (running as uid {os.getuid()}, "
+              f"gid {os.getgid()}); make it writable by this user, or run as its owner "
+              f"(in a container: docker run --user $(id -u):$(id -g) ...)", EXIT_USER_ERROR)
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -50,6 +73,9 @@ def _run(fn):
         _fail(str(msg), EXIT_USER_ERROR)
     except (VerificationError, ExportError) as e:
         _fail(f"{e} (nothing was published)", EXIT_FAILURE)
+    except PermissionError as e:  # e.g. the repository's permissions changed during training
+        _fail(f"permission denied: {e.filename or e} (running as uid {os.getuid()}); nothing was published: "
+              f"make the repository writable by this user", EXIT_USER_ERROR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -142,6 +168,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
             _fail("--device cuda: no CUDA device is available to this torch build; use --device cpu", EXIT_USER_ERROR)
     from trainer.clnp import preset as make_config
 
+    check_writable(repository)
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, distill=distill,
