@@ -73,6 +73,16 @@ def summarise(folder: Path, r: RunRecord) -> RunSummary:
     )
 
 
+def average_after(r: RunRecord, k: int) -> float:
+    """Average test accuracy of tasks 1..k, measured after task k (what a run that stopped there would report)."""
+    if r.method == "clnp" and len(r.accuracy_rows) >= k:
+        row = r.accuracy_rows[k - 1][:k]
+        values = [a if a is not None else t.test_accuracy for a, t in zip(row, r.tasks)]
+    else:
+        values = [t.test_accuracy for t in r.tasks[:k]]
+    return sum(values) / len(values)
+
+
 def forecast_check(r: RunRecord, after: int = 10) -> dict | None:
     """The capacity forecast after task `after` against what the run then did."""
     if r.method != "clnp" or len(r.tasks) <= after:
@@ -107,12 +117,18 @@ def report_main(folders: list[str], out: Path) -> dict:
     groups: dict[str, list[RunSummary]] = {}
     for s in rows:
         groups.setdefault(s.group, []).append(s)
+    by_folder = {str(f): r for f, r in records}
     group_rows = []
     for g, members in groups.items():
         avgs = [m.average_test_accuracy for m in members]
+        common = min(m.tasks_done for m in members)  # seeds still running: compare them where all have been
+        at_common = [average_after(by_folder[m.folder], common) for m in members] if common else []
         group_rows.append({"group": g, "seeds": [m.seed for m in members], "mean": statistics.fmean(avgs),
                            "std": statistics.stdev(avgs) if len(avgs) > 1 else 0.0, "per_seed": avgs,
-                           "tasks_done": [m.tasks_done for m in members]})
+                           "tasks_done": [m.tasks_done for m in members], "common_tasks": common,
+                           "common_mean": statistics.fmean(at_common) if at_common else None,
+                           "common_std": statistics.stdev(at_common) if len(at_common) > 1 else 0.0,
+                           "common_per_seed": at_common})
     result = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "paper": PAPER,
@@ -133,10 +149,15 @@ def markdown(res: dict, plots: list[str]) -> str:
     L = ["# CLNP task sequences (permuted MNIST)", "",
          f"Paper (784-2000-2000, 10 tasks): CLNP {PAPER['CLNP']} ± {PAPER['CLNP std']}, single-task {PAPER['single-task']}.",
          "", "## Groups (mean ± std over seeds of the average test accuracy after the last task)", "",
-         "| settings | seeds | tasks done | average test accuracy (%) | per seed |", "|---|---|---|---:|---|"]
+         "The last columns compare the seeds where all of them have been: the average over the first K tasks, "
+         "measured after task K, K being the fewest tasks any seed has done.", "",
+         "| settings | seeds | tasks done | average test accuracy (%) | per seed | K | after task K (%) | per seed |",
+         "|---|---|---|---:|---|---:|---:|---|"]
     for g in res["groups"]:
+        common = "—" if g.get("common_mean") is None else f"{g['common_mean']:.2f} ± {g['common_std']:.2f}"
         L.append(f"| {g['group']} | {', '.join(map(str, g['seeds']))} | {', '.join(map(str, g['tasks_done']))} | "
-                 f"{g['mean']:.2f} ± {g['std']:.2f} | {', '.join(f'{a:.2f}' for a in g['per_seed'])} |")
+                 f"{g['mean']:.2f} ± {g['std']:.2f} | {', '.join(f'{a:.2f}' for a in g['per_seed'])} | "
+                 f"{g.get('common_tasks', '—')} | {common} | {', '.join(f'{a:.2f}' for a in g.get('common_per_seed', []))} |")
     L += ["", "## Runs", "", "Settings are named against the presets as they are now.", "",
           "| folder | settings | tasks | all fit | avg test (%) | zero forgetting | most units a task took | worst drop below dense "
           "(max-drop) | s/task | FREE after last |", "|---|---|---|---|---:|---|---|---|---:|---|"]

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import sys
 
+from pathlib import Path
+
 import pytest
 from safetensors.torch import load_file
 
@@ -53,8 +55,11 @@ def test_other_settings_are_refused(tmp_path, data_dir):
 
 
 def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
-    for s in (0, 1):
-        _run(tmp_path / f"c{s}", 2, data_dir, "--seed", str(s))
+    _run(tmp_path / "c0", 2, data_dir, "--seed", "0")
+    _run(tmp_path / "c1", 1, data_dir, "--seed", "1")
+    record = json.loads((tmp_path / "c1" / "run.json").read_text())
+    record["tasks_planned"] = 2  # as a run of 2 tasks stopped (by the end of a session) after its first
+    (tmp_path / "c1" / "run.json").write_text(json.dumps(record))
     seq.main(["run", "--out", str(tmp_path / "single"), "--method", "single", "--tasks", "2",
               "--data-dir", str(data_dir), *TINY])
     res = seq.main(["report", str(tmp_path / "c0"), str(tmp_path / "c1"), str(tmp_path / "single"),
@@ -62,6 +67,12 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     groups = {g["group"]: g for g in res["groups"]}
     clnp = next(g for name, g in groups.items() if name.startswith("clnp"))
     assert clnp["seeds"] == [0, 1] and len(clnp["per_seed"]) == 2
+    # seeds compared where both have been: task 1 alone, measured after task 1
+    runs = {Path(r["folder"]).name: r for r in res["runs"]}
+    assert clnp["tasks_done"] == [2, 1] and clnp["common_tasks"] == 1
+    assert clnp["common_per_seed"][1] == runs["c1"]["average_test_accuracy"]
+    first = res["records"][str(tmp_path / "c0")]["accuracy_rows"][0][0]
+    assert clnp["common_per_seed"][0] == first
     assert any(name.startswith("single") for name in groups)
     md = (tmp_path / "rep" / "sequence.md").read_text()
     assert "bit-identical" in md and "FREE after last" in md
