@@ -210,7 +210,7 @@ class Supervisor:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(w.up for w in self._workers):
             try:
-                self._handle_event(self._events.get(timeout=max(0.1, deadline - time.monotonic())))
+                self._handle_event(self._events.get(timeout=0.5))  # short: a worker may die without a word
             except queue.Empty:
                 pass
             except StartupError:
