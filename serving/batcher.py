@@ -221,7 +221,6 @@ class MicroBatcher:
         for items in groups.values():
             try:
                 start_ns = time.perf_counter_ns()
-                start = start_ns / 1e9
                 if len(items) == 1:
                     x = items[0].x
                     task = np.full(len(x), items[0].task_index, dtype=np.int64)
@@ -230,7 +229,7 @@ class MicroBatcher:
                     task = np.concatenate([np.full(len(i.x), i.task_index, dtype=np.int64) for i in items])
                 scores = items[0].runner.run(x, task)  # (sum B, max_classes)
                 end_ns = time.perf_counter_ns()
-                seconds = end_ns / 1e9 - start
+                seconds = (end_ns - start_ns) / 1e9
             except Exception as e:  # hand the failure to every waiting chunk; the worker lives on
                 for item in items:
                     item.future.set_exception(e)

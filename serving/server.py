@@ -156,10 +156,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         with self._plane.call() as call:
             header = request_header(request)
             target = call.resolve(header.model_name, header.model_version)
-            x = decode_input(request, self._plane.names(target))
+            names = self._plane.names(target)
+            x = decode_input(request, names)
             scores = call.run(target, x)
-            return encode_infer_response(header.model_name, target.version, header.id,
-                                         self._plane.names(target).output_name, scores)
+            return encode_infer_response(header.model_name, target.version, header.id, names.output_name, scores)
 
     def RepositoryIndex(self, request, context):
         models = [pb.RepositoryIndexResponse.ModelIndex(name=name, version=str(v), state="READY")

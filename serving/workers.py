@@ -193,9 +193,6 @@ class Supervisor:
     def metrics_ports(self) -> list[int]:
         return [w.metrics_port for w in self._workers if w.up and w.metrics_port]
 
-    def pids(self) -> list[int | None]:
-        return [w.pid for w in self._workers]
-
     def _spawn(self, index: int) -> _Worker:
         process = self._ctx.Process(target=worker_main, args=(self.config, index, self._events, self.log_level),
                                     name=f"clnp-serve-worker-{index}", daemon=False)
