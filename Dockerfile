@@ -3,7 +3,13 @@
 # Two images from one file:
 #
 #   docker build --target serve -t clnp-serve .    # the server: torch-free (`pip install .`)
-#   docker build --target train -t clnp-train .    # the trainer: `.[train]` with the CPU build of torch
+#   docker build --target train -t clnp-train .    # the trainer: `.[train]`
+#
+# Where the trainer's torch comes from is a build argument (TORCH_PIP_ARGS, extra pip arguments for that one
+# install). By default pip's configured index; its Linux torch wheel brings the CUDA libraries (gigabytes). For
+# the CPU-only build:
+#   --build-arg TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>"
+#   --build-arg TORCH_PIP_ARGS="--find-links /ctx/wheels"   # a wheel folder in the build context, e.g. ./wheels
 #
 #   docker run --rm -p 50051:50051 -p 9100:9100 -v "$PWD/repo:/models:ro" clnp-serve
 #   docker run --rm -v "$PWD/repo:/repo" --user "$(id -u):$(id -g)" clnp-train \
@@ -37,9 +43,12 @@ RUN pip install . \
     && ! python -c "import torch" 2>/dev/null
 
 FROM base AS train-build
+ARG TORCH_REQUIREMENT="torch==2.13.0"
+ARG TORCH_PIP_ARGS=""
 RUN python -m venv /opt/venv
-# torch first, from the CPU index (no CUDA libraries); `.[train]` then finds torch==2.13.0 satisfied.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch first, from wherever TORCH_PIP_ARGS points (the build context is mounted at /ctx for a local wheel
+# folder); `.[train]` then finds torch==2.13.0 satisfied (a +cpu local version satisfies the pin).
+RUN --mount=type=bind,source=.,target=/ctx pip install ${TORCH_PIP_ARGS} "${TORCH_REQUIREMENT}"
 WORKDIR /src
 COPY . .
 RUN pip install ".[train]" \
@@ -64,10 +73,10 @@ RUN mkdir -p /models
 USER 10001:10001
 WORKDIR /home/clnp
 EXPOSE 50051 9100
-# Ready = the gRPC health service answers SERVING for the server as a whole ("" service), which
-# it does once a model version is loaded. Assumes the plaintext port 50051 (with --tls-cert/--tls-key
-# replace this check, e.g. by grpc.ssl_channel_credentials with the CA).
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(service=''), timeout=4); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+# Ready = the gRPC health service answers SERVING for the server as a whole ("" service), which it does once
+# a model version is loaded. clnp-serve writes where it listens (port, TLS) to $CLNP_STATUS_FILE, and the
+# check reads it, so it follows `--port 6000` or `--tls-cert/--tls-key` given after the image name.
+ENV CLNP_STATUS_FILE=/tmp/clnp-serve.json
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["clnp-admin", "health"]
 ENTRYPOINT ["clnp-serve", "--repository", "/models", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100"]
 CMD []

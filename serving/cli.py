@@ -26,8 +26,11 @@ DEFAULT_TARGET = "localhost:50051"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--repository", "-r", required=True, envvar="CLNP_REPOSITORY",
-              type=click.Path(file_okay=False, path_type=Path), help="Model repository to serve.")
+@click.option("--repository", "-r", required=True, envvar="CLNP_REPOSITORY", type=click.Path(file_okay=False),
+              help="Model repository to serve: a folder, or an s3:// gs:// az:// URL (polled, mirrored into --cache-dir).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="CLNP_CACHE_DIR", default=None,
+              help="With an object-store repository: the local folder its versions are downloaded to and served "
+                   "from [default: $XDG_CACHE_HOME/clnp/<hash of the URL>].")
 @click.option("--host", default="0.0.0.0", help="Address to bind.")
 @click.option("--port", default=50051, type=click.IntRange(0, 65535), help="gRPC port; 0 picks a free one.")
 @click.option("--threads", default=16, type=click.IntRange(1), help="gRPC worker threads.")
@@ -60,11 +63,14 @@ DEFAULT_TARGET = "localhost:50051"
               help="With --workers > 1: restarts of crashed workers allowed per minute before the server exits 1.")
 @click.option("--execution-provider", default="cpu", type=click.Choice(["cpu", "cuda"]),
               help="ONNX Runtime execution provider; cuda needs the onnxruntime-gpu build (extra 'gpu') and a GPU.")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), envvar="CLNP_STATUS_FILE", default=None,
+              help="Write the bound port and TLS settings here once listening (JSON; removed at exit), for "
+                   "`clnp-admin health --status-file` (the images' HEALTHCHECK) [env CLNP_STATUS_FILE].")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def serve_main(repository, host, port, threads, intra_op_threads, keep_versions, max_batch_size, max_request_rows,
+def serve_main(repository, cache_dir, host, port, threads, intra_op_threads, keep_versions, max_batch_size, max_request_rows,
                batching, batch_timeout_us, poll_interval, metrics_port, metrics_host, token, require_token_for_inference,
                tls_cert, tls_key, max_message_bytes, shutdown_grace, workers, max_worker_restarts, execution_provider,
-               log_level):
+               status_file, log_level):
     """Serve every task of a CLNP model repository over the Open Inference Protocol (gRPC).
 
     Prints `clnp-serve listening on HOST:PORT` once it accepts calls. SIGTERM or SIGINT drains:
@@ -81,6 +87,7 @@ def serve_main(repository, host, port, threads, intra_op_threads, keep_versions,
         raise click.UsageError("--require-token-for-inference needs --token (or CLNP_TOKEN)")
     config = ServerConfig(
         repository=repository,
+        cache_dir=cache_dir,
         host=host,
         port=port,
         threads=threads,
@@ -105,7 +112,7 @@ def serve_main(repository, host, port, threads, intra_op_threads, keep_versions,
     )
 
     if workers > 1:
-        sys.exit(_serve_workers(config, workers, max_worker_restarts, log_level))
+        sys.exit(_serve_workers(config, workers, max_worker_restarts, log_level, status_file))
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -126,23 +133,54 @@ def serve_main(repository, host, port, threads, intra_op_threads, keep_versions,
         click.echo(f"clnp-serve: error: {e}", err=True)
         server.stop(0)
         sys.exit(1)
+    _write_status(status_file, config, server.port)
     click.echo(f"clnp-serve listening on {server.address}")
     if server.metrics_port is not None:
         click.echo(f"clnp-serve metrics on {metrics_host or host}:{server.metrics_port}")
     sys.stdout.flush()
-    while not stop.wait(0.5):
-        pass
-    server.stop()
+    try:
+        while not stop.wait(0.5):
+            pass
+        server.stop()
+    finally:
+        _remove_status(status_file)
     sys.exit(0)
 
 
-def _serve_workers(config, workers: int, max_restarts: int, log_level: str) -> int:
+def _write_status(path: Path | None, config, port: int) -> None:
+    """Record where this server listens, for `clnp-admin health --status-file` (written atomically)."""
+    import os
+
+    if path is None:
+        return
+    status = {"pid": os.getpid(), "host": config.host, "port": int(port), "tls": config.tls_cert is not None,
+              "tls_cert": None if config.tls_cert is None else str(Path(config.tls_cert).resolve())}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. a read-only file system: serving matters more than the health file
+        logger.warning("cannot write the status file %s: %s", path, e)
+
+
+def _remove_status(path: Path | None) -> None:
+    import os
+
+    try:
+        if path is not None and json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _serve_workers(config, workers: int, max_restarts: int, log_level: str, status_file: Path | None = None) -> int:
     """clnp-serve --workers N: run the supervisor (serving.workers) until SIGTERM/SIGINT; the exit code."""
-    from serving.repository import ModelRepository, RepositoryError
+    from serving.objectstore import open_repository
+    from serving.repository import RepositoryError
     from serving.workers import StartupError, Supervisor
 
     try:
-        ModelRepository.open(config.repository)  # fail fast, once, rather than in every worker
+        open_repository(config.repository)  # fail fast, once, rather than in every worker
     except RepositoryError as e:
         click.echo(f"clnp-serve: error: {e}", err=True)
         return 2
@@ -164,11 +202,15 @@ def _serve_workers(config, workers: int, max_restarts: int, log_level: str) -> i
     except OSError as e:
         click.echo(f"clnp-serve: error: {e}", err=True)
         return 1
+    _write_status(status_file, config, int(supervisor.address.rsplit(":", 1)[1]))
     click.echo(f"clnp-serve listening on {supervisor.address} ({workers} workers)")
     if supervisor.metrics_port is not None:
         click.echo(f"clnp-serve metrics on {config.metrics_host or config.host}:{supervisor.metrics_port}")
     sys.stdout.flush()
-    code = supervisor.run()
+    try:
+        code = supervisor.run()
+    finally:
+        _remove_status(status_file)
     logger.info("stopped" if code == 0 else "stopped with errors")
     return code
 
@@ -366,3 +408,75 @@ def status(target, token, tls_ca, tls_server_name, timeout, as_json):
     width = max(map(len, data))
     for key, value in data.items():
         click.echo(f"{key.ljust(width)}  {value if value not in ('', 0) or key in ('loaded_version', 'worker') else '-'}")
+
+
+def _certificate_name(pem_path: str) -> str | None:
+    """The first DNS name (else IP address) a PEM certificate is issued for, to check the server's TLS against."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(pem_path).read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName) or [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+        if names:
+            return names[0]
+    except x509.ExtensionNotFound:
+        pass
+    common = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    return str(common[0].value) if common else None
+
+
+@admin_main.command()
+@click.option("--target", "-t", default=None, envvar="CLNP_TARGET",
+              help=f"Server address HOST:PORT [default: from --status-file, else {DEFAULT_TARGET}].")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), envvar="CLNP_STATUS_FILE",
+              default=None, help="The file clnp-serve --status-file writes: its port and TLS settings are used "
+                                 "[env CLNP_STATUS_FILE].")
+@click.option("--service", default="", show_default=True,
+              help="Health service name: '' (ready: a version is loaded), or clnp.admin.v1.AdminService (alive).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM CA certificate [default with a TLS status file: the server's own certificate].")
+@click.option("--tls-server-name", default=None,
+              help="Name to check the server certificate against [default: the name in that certificate].")
+@click.option("--timeout", default=4.0, type=click.FloatRange(min=0, min_open=True), show_default=True)
+def health(target, status_file, service, tls_ca, tls_server_name, timeout):
+    """Exit 0 when the server's gRPC health service answers SERVING, else 1 (a container HEALTHCHECK).
+
+    With --status-file, follows how that server was started: its port (even --port 0) and TLS.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if target is None and status_file is not None:
+        try:
+            status = json.loads(status_file.read_text())
+            host = status["host"]
+            port = int(status["port"])
+        except (OSError, ValueError, KeyError) as e:
+            raise _AdminError(f"cannot read the status file {status_file} ({e}); is clnp-serve running with "
+                              "--status-file?") from None
+        host = "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host
+        target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        if status.get("tls") and tls_ca is None:
+            tls_ca = Path(status["tls_cert"])
+            if tls_server_name is None:
+                tls_server_name = _certificate_name(status["tls_cert"])
+    target = target or DEFAULT_TARGET
+    options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+    if tls_ca is not None:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes()),
+                                      options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                          timeout=timeout)
+    except grpc.RpcError as e:
+        raise _AdminError(f"{target}: health check failed ({e.code().name}): {' '.join((e.details() or '').split())}") \
+            from None
+    finally:
+        channel.close()
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    click.echo(f"{target}: {name}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        sys.exit(1)

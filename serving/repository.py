@@ -130,6 +130,7 @@ class OnnxRecord:
     max_classes: int  # width of the output
     opset: int  # ONNX opset of the graph
     sha256: str  # of the file, checked before it is served
+    size: int | None = None  # bytes of the file (absent in versions written before sizes were recorded)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Manifest:
     weights_file: str
     weights_sha256: str
     created: str  # ISO 8601 UTC
+    weights_size: int | None = None  # bytes of the weights file (absent in versions written before sizes were recorded)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -206,7 +208,14 @@ class Manifest:
             weights_file=str(data["weights_file"]),
             weights_sha256=str(data["weights_sha256"]),
             created=str(data["created"]),
+            weights_size=None if data.get("weights_size") is None else int(data["weights_size"]),
         )
+
+
+def version_taken(where, version: int) -> str:
+    return (f"version {version} was published to {where} by another writer meanwhile; nothing written "
+            f"(this task was trained onto version {version - 1 if version > 1 else 'none'}: run add-task again "
+            "to train it onto the newest version)")
 
 
 def utc_now() -> str:
@@ -333,10 +342,14 @@ class ModelRepository:
         """
         manifest = self.read_manifest(version)
         vdir = self.version_dir(manifest.version)
-        for name, expected in ((manifest.onnx.file, manifest.onnx.sha256), (manifest.weights_file, manifest.weights_sha256)):
+        for name, expected, size in ((manifest.onnx.file, manifest.onnx.sha256, manifest.onnx.size),
+                                     (manifest.weights_file, manifest.weights_sha256, manifest.weights_size)):
             path = vdir / name
             if not path.is_file():
                 raise CorruptVersionError(f"version {manifest.version}: {name} is missing")
+            if size is not None and path.stat().st_size != size:
+                raise CorruptVersionError(
+                    f"version {manifest.version}: {name} has {path.stat().st_size} bytes, the manifest says {size}")
             if sha256_file(path) != expected:
                 raise CorruptVersionError(f"version {manifest.version}: {name} does not match its checksum")
         return manifest
@@ -362,6 +375,7 @@ class ModelRepository:
         weights: Mapping[str, np.ndarray],
         onnx_bytes: bytes,
         retention: int | None = None,
+        version: int | None = None,
     ) -> Manifest:
         """Write a new version atomically and return its manifest.
 
@@ -371,12 +385,17 @@ class ModelRepository:
         staging directory is removed and the repository is as it was. Afterwards versions beyond
         `retention` (oldest first, never the newest) are removed.
 
-        Raises RepositoryError if another writer published the same version number first.
+        `version` is the number to publish (the trainer passes the version it built on + 1, so a version
+        published meanwhile by another trainer is never silently dropped); default: the latest + 1.
+        Raises RepositoryError if another writer published that version number first.
         """
         from safetensors.numpy import save
 
-        latest = self.latest()
-        version = 1 if latest is None else latest + 1
+        if version is None:
+            latest = self.latest()
+            version = 1 if latest is None else latest + 1
+        elif version in self.versions():
+            raise RepositoryError(version_taken(self.root, version))
         staging = self.root / f"{STAGING_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
@@ -388,13 +407,10 @@ class ModelRepository:
             )
             if manifest.version != version:
                 raise RepositoryError(f"manifest built for version {manifest.version}, expected {version}")
-            _write_synced(staging / MANIFEST_FILE, manifest.to_json().encode())
-            _fsync_dir(staging)
-            target = self.version_dir(version)
-            if target.exists():
-                raise RepositoryError(f"version {version} was published by another writer meanwhile; nothing written")
-            os.rename(staging, target)  # atomic: the version appears whole or not at all
-            _fsync_dir(self.root)
+            manifest = dataclasses.replace(
+                manifest, onnx=dataclasses.replace(manifest.onnx, file=ONNX_FILE, size=len(onnx_bytes)),
+                weights_file=WEIGHTS_FILE, weights_size=len(weights_bytes))
+            self._commit(staging, manifest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -402,6 +418,46 @@ class ModelRepository:
         if retention is not None:
             self.apply_retention(retention)
         return manifest
+
+    def _commit(self, staging: Path, manifest: Manifest) -> None:
+        """Write the manifest into a staging directory holding the version's files, and rename it into place."""
+        _write_synced(staging / MANIFEST_FILE, manifest.to_json().encode())
+        _fsync_dir(staging)
+        target = self.version_dir(manifest.version)
+        if target.exists():
+            raise RepositoryError(version_taken(self.root, manifest.version))
+        os.rename(staging, target)  # atomic: the version appears whole or not at all
+        _fsync_dir(self.root)
+
+    def install(self, manifest: Manifest, files: Mapping[str, bytes]) -> bool:
+        """Place a version that already exists elsewhere (a mirror's download) under its own number, atomically.
+
+        The files are checked against the manifest first (CorruptVersionError). Returns False, writing nothing,
+        when the version is already here (another process of the same server installed it).
+        """
+        expected = {manifest.onnx.file: (manifest.onnx.sha256, manifest.onnx.size),
+                    manifest.weights_file: (manifest.weights_sha256, manifest.weights_size)}
+        if set(files) != set(expected):
+            raise CorruptVersionError(f"version {manifest.version}: expected files {sorted(expected)}, got {sorted(files)}")
+        for name, data in files.items():
+            sha, size = expected[name]
+            if (size is not None and len(data) != size) or hashlib.sha256(data).hexdigest() != sha:
+                raise CorruptVersionError(f"version {manifest.version}: {name} does not match its manifest")
+        if self.version_dir(manifest.version).exists():
+            return False
+        staging = self.root / f"{STAGING_PREFIX}{manifest.version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            for name, data in files.items():
+                _write_synced(staging / name, data)
+            self._commit(staging, manifest)
+        except RepositoryError:
+            shutil.rmtree(staging, ignore_errors=True)
+            return False  # lost the rename to a sibling process installing the same version
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return True
 
     def apply_retention(self, keep: int) -> list[int]:
         """Remove all but the newest `keep` versions (at least 1 is kept); returns those removed."""

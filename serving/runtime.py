@@ -26,14 +26,7 @@ import numpy as np
 
 from serving.batcher import ExecutionObserver, MicroBatcher, Timing, run_unbatched
 from serving.errors import InvalidInput, NotReady, RequestTooLarge, UnknownTask, UnknownVersion
-from serving.repository import (
-    MANIFEST_FILE,
-    ONNX_FILE,
-    WEIGHTS_FILE,
-    Manifest,
-    ModelRepository,
-    TaskRecord,
-)
+from serving.repository import Manifest, ModelRepository, TaskRecord
 
 logger = logging.getLogger(__name__)
 
@@ -445,14 +438,19 @@ class Runtime:
             return []
 
     def _signature(self, version: int) -> tuple:
+        """The version folder's files with their mtime and size: a failed version is retried once this changes."""
         vdir = self.repository.version_dir(version)
         sig = []
-        for name in (MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE):
+        try:
+            names = sorted(os.listdir(vdir))
+        except OSError:
+            return ()
+        for name in names:
             try:
                 st = os.stat(vdir / name)
-                sig.append((st.st_mtime_ns, st.st_size))
+                sig.append((name, st.st_mtime_ns, st.st_size))
             except OSError:
-                sig.append(None)
+                sig.append((name, None))
         return tuple(sig)
 
     def _try_load(self, version: int, force: bool) -> LoadedVersion | None:

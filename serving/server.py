@@ -49,6 +49,7 @@ from serving.errors import (
     UnknownVersion,
 )
 from serving.metrics import ServingMetrics
+from serving.objectstore import ObjectStoreRepository, default_cache_dir, is_remote
 from serving.repository import ModelRepository
 from serving.runtime import ReloadResult, Runtime, RuntimeConfig
 
@@ -220,7 +221,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 class ServerConfig:
     """Everything `ClnpServer` needs; clnp-serve builds it from its options."""
 
-    repository: Path  # the model repository to serve
+    repository: Path | str  # the model repository to serve: a folder, or an s3:// gs:// az:// URL
+    cache_dir: Path | None = None  # where an object-store repository is mirrored; None: default_cache_dir(url)
     host: str = "0.0.0.0"  # address to bind
     port: int = 50051  # gRPC port; 0 picks a free one (see ClnpServer.port)
     threads: int = 16  # gRPC worker threads
@@ -251,6 +253,36 @@ class ServerConfig:
             raise ValueError("token must not be empty")
 
 
+class _Mirror:
+    """The server's local copy of an object-store repository: what the runtime loads from."""
+
+    def __init__(self, remote: ObjectStoreRepository, cache: ModelRepository, keep_versions: int) -> None:
+        self.remote = remote
+        self.cache = cache
+        self.keep = keep_versions
+        self._failed: dict = {}  # version -> (manifest signature, why): not downloaded again until it changes
+        self._lock = threading.Lock()
+
+    def sync(self, force: bool = False):
+        """Download and verify the newest versions missing from the cache; remove cached ones no longer needed."""
+        from serving.objectstore import SyncResult
+        from serving.repository import RepositoryError
+
+        with self._lock:
+            if force:
+                self._failed.clear()
+            try:
+                result = self.remote.sync_to(self.cache, keep=self.keep, failed=self._failed)
+            except RepositoryError as e:  # the store is unreachable: keep serving what is loaded
+                logger.warning("cannot poll %s: %s", self.remote.url, e)
+                return SyncResult(unreachable=str(e))
+            try:
+                self.cache.apply_retention(self.keep + 1)
+            except OSError as e:
+                logger.warning("cannot trim the cache %s: %s", self.cache.root, e)
+            return result
+
+
 def _join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -278,6 +310,7 @@ class ClnpServer:
         self._lock = threading.Lock()
         # With several workers: tells the others to reload and says so in words (set by serving.workers).
         self.peer_notifier = None
+        self._mirror: _Mirror | None = None
 
     @property
     def address(self) -> str:
@@ -287,7 +320,14 @@ class ClnpServer:
     def start(self) -> "ClnpServer":
         """Load the repository's newest version(s) and start serving."""
         cfg = self.config
-        repository = ModelRepository.open(cfg.repository)
+        if is_remote(cfg.repository):
+            remote = ObjectStoreRepository.open(str(cfg.repository))
+            cache = ModelRepository.create(cfg.cache_dir or default_cache_dir(str(cfg.repository)))
+            self._mirror = _Mirror(remote, cache, cfg.runtime.keep_versions)
+            self._mirror.sync()
+            repository = cache
+        else:
+            repository = ModelRepository.open(cfg.repository)
         self.runtime = Runtime(repository, cfg.runtime, observer=lambda *a: self.metrics.observe_execution(*a))
         self.plane = DataPlane(self.runtime, code_name, cfg.max_message_bytes)
         self.metrics = self.plane.metrics
@@ -341,9 +381,15 @@ class ClnpServer:
         return self
 
     def reload(self, force: bool = False) -> ReloadResult:
-        """Load a newer published version if there is one, then refresh the health status."""
+        """Load a newer published version if there is one, then refresh the health status.
+
+        With an object-store repository, new versions are first downloaded and verified into the local cache.
+        """
+        sync = self._mirror.sync(force=force) if self._mirror is not None else None
         result = self.runtime.reload(force=force)
         self._refresh_health()
+        if sync is not None and sync.describe():
+            result = dataclasses.replace(result, message=f"{result.message}; {sync.describe()}")
         return result
 
     def admin_reload(self, force: bool = True) -> ReloadResult:

@@ -160,3 +160,42 @@ def test_console_scripts(live, tmp_path):
     proc = _console("clnp-serve", "--repository", str(tmp_path / "nothing-here"), "--port", "0")
     assert proc.returncode == 2
     assert "clnp-serve: error:" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_health_follows_the_servers_port_and_tls_through_its_status_file(template, tmp_path):
+    from serving_helpers import start_server
+
+    repo = copy_repository(template, tmp_path / "repo", (2,))
+    cert, key = self_signed_certificate(tmp_path, hostname="clnp.internal")  # not the address health dials
+    status = tmp_path / "status.json"
+    server = start_server(repo, tmp_path, "--status-file", str(status), "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        written = json.loads(status.read_text())
+        assert written["tls"] and written["port"] == int(server.target.rsplit(":", 1)[1]) != 50051
+        ok = admin("health", "--status-file", str(status))
+        assert ok.exit_code == 0, ok.output
+        assert ok.stdout.strip() == f"127.0.0.1:{written['port']}: SERVING"
+        plain = admin("health", "--target", f"127.0.0.1:{written['port']}", "--timeout", "3")
+        assert plain.exit_code == 1 and "health check failed (UNAVAILABLE)" in plain.stderr  # it really is TLS
+    finally:
+        assert server.terminate() == 0
+    assert not status.exists()  # removed at exit
+    gone = admin("health", "--status-file", str(status))
+    assert gone.exit_code == 1 and len(gone.stderr.strip().splitlines()) == 1
+    assert "cannot read the status file" in gone.stderr
+
+
+def test_health_is_not_serving_until_a_version_is_loaded(tmp_path):
+    from serving_helpers import start_server
+
+    repo = tmp_path / "empty"
+    ModelRepository.create(repo)
+    status = tmp_path / "status.json"
+    server = start_server(repo, tmp_path, "--status-file", str(status))
+    try:
+        ready = admin("health", "--status-file", str(status))
+        assert ready.exit_code == 1 and ready.stdout.strip().endswith(": NOT_SERVING"), ready.output
+        alive = admin("health", "--status-file", str(status), "--service", "clnp.admin.v1.AdminService")
+        assert alive.exit_code == 0 and alive.stdout.strip().endswith(": SERVING"), alive.output
+    finally:
+        assert server.terminate() == 0

@@ -42,6 +42,16 @@ def check_writable(repository: str) -> None:
     import tempfile
     from pathlib import Path
 
+    from serving.objectstore import ObjectStoreRepository, is_remote
+
+    if is_remote(repository):
+        from serving.repository import RepositoryError
+
+        try:
+            ObjectStoreRepository(repository).check_writable()
+        except RepositoryError as e:
+            _fail(f"cannot write to the model repository: {e}", EXIT_USER_ERROR)
+        return
     path = Path(repository)
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -63,7 +73,7 @@ def _fail(message: str, code: int) -> None:
 
 def _run(fn):
     """Run fn(), turning our errors into a one-line message and the documented exit code."""
-    from trainer.pipeline import VerificationError
+    from trainer.pipeline import RankZeroFailedError, VerificationError
     from trainer.export import ExportError
 
     try:
@@ -73,6 +83,8 @@ def _run(fn):
         _fail(str(msg), EXIT_USER_ERROR)
     except (VerificationError, ExportError) as e:
         _fail(f"{e} (nothing was published)", EXIT_FAILURE)
+    except RankZeroFailedError as e:
+        _fail(str(e), EXIT_FAILURE)
     except PermissionError as e:  # e.g. the repository's permissions changed during training
         _fail(f"permission denied: {e.filename or e} (running as uid {os.getuid()}); nothing was published: "
               f"make the repository writable by this user", EXIT_USER_ERROR)
@@ -92,7 +104,7 @@ def cli(verbose: bool) -> None:
 
 @cli.command("add-task")
 @click.option("--repository", "-r", required=True, type=click.Path(file_okay=False),
-              help="Model repository directory (created with the first task).")
+              help="Model repository: a folder, or an s3:// gs:// az:// URL (created with the first task).")
 @click.option("--task", "-t", required=True, help="Task name: letters, digits, '_' or '-', at most 64, unique.")
 @click.option("--data", "-d", "source", required=True,
               help="Data source: mnist, fashion-mnist, permuted-mnist:SEED, split-mnist:A,B,..., "
@@ -158,15 +170,33 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
 
     The first call creates the repository and the network. Every earlier task is checked to be
     bit-identical before the new version (safetensors + ONNX) is published atomically.
+    Runs unchanged under `torchrun --nproc-per-node N`: data-parallel, and only rank 0 publishes.
     """
-    from trainer.pipeline import add_task
+    from trainer import distributed
 
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             _fail("--device cuda: no CUDA device is available to this torch build; use --device cpu", EXIT_USER_ERROR)
+
+    # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard, rank 0 publishes.
+    world = distributed.init_from_environment(device)
+    try:
+        _add_task(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha,
+                  distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
+                  no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress,
+                  quiet=world is not None and not world.is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _add_task(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha, distill,
+              learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
+              no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress,
+              quiet):
     from trainer.clnp import preset as make_config
+    from trainer.pipeline import add_task
 
     check_writable(repository)
     config = _run(lambda: make_config(
@@ -178,6 +208,8 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
     result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,
                                    data_dir=data_dir, label_column=label_column, retention=retention,
                                    show_progress=show, device=device))
+    if quiet:  # a data-parallel rank other than 0: rank 0 reports
+        return
     m, o = result.manifest, result.outcome
     record = m.tasks[-1]
     if as_json:
@@ -188,6 +220,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
             "free_units": {l.name: l.free for l in m.layers}, "reused": o.reused,
             "epoch_seconds": o.epoch_seconds, "phase_seconds": o.phase_seconds, "seconds": result.seconds,
             "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
+            "world_size": result.world_size,
         }, indent=2))
         return
     test = "n/a" if record.test_accuracy is None else f"{record.test_accuracy:.2f}%"
@@ -206,7 +239,8 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
 
 
 @cli.command("evaluate")
-@click.option("--repository", "-r", required=True, type=click.Path(file_okay=False), help="Model repository.")
+@click.option("--repository", "-r", required=True, type=click.Path(file_okay=False),
+              help="Model repository: a folder, or an s3:// gs:// az:// URL.")
 @click.option("--task", "-t", default=None, help="Only this task (default: all).")
 @click.option("--version", type=click.IntRange(min=1), default=None, help="Version (default: the latest).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="CLNP_DATA_DIR", default=None,
@@ -228,15 +262,16 @@ def evaluate_cmd(repository, task, version, data_dir, as_json):
 
 
 @cli.command("capacity")
-@click.option("--repository", "-r", required=True, type=click.Path(file_okay=False), help="Model repository.")
+@click.option("--repository", "-r", required=True, type=click.Path(file_okay=False),
+              help="Model repository: a folder, or an s3:// gs:// az:// URL.")
 @click.option("--version", type=click.IntRange(min=1), default=None, help="Version (default: the latest).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def capacity_cmd(repository, version, as_json):
     """Units per layer: total, FREE, owned by each task; per task: units owned and earlier units reused."""
     from serving.capacity import capacity_report, format_capacity
-    from serving.repository import ModelRepository
+    from serving.objectstore import open_repository
 
-    report = _run(lambda: capacity_report(ModelRepository.open(repository).read_manifest(version)))
+    report = _run(lambda: capacity_report(open_repository(repository).read_manifest(version)))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, allow_nan=False))
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -26,6 +27,8 @@ from serving.repository import (
     ONNX_FILE,
     WEIGHTS_FILE,
 )
+from serving.objectstore import ObjectStoreRepository, create_repository, is_remote, open_repository
+from trainer import distributed
 from trainer.clnp import CLNPConfig, TaskOutcome, check_capacity, learn_task, new_owners, task_masks, accuracy
 from trainer.data import TaskData, load_source
 from serving.contract import INPUT_NAME, OUTPUT_NAME, TASK_INPUT_NAME
@@ -42,6 +45,10 @@ class InputMismatchError(ValueError):
     """The data does not fit the network (shape), or a --network that differs from the repository's."""
 
 
+class RankZeroFailedError(RuntimeError):
+    """Data-parallel training: rank 0 failed to check or publish the task (it reports why)."""
+
+
 class VerificationError(RuntimeError):
     """An earlier task changed, or the export disagrees with torch: nothing was published."""
 
@@ -54,10 +61,22 @@ class AddTaskResult:
     parity_max_difference: float
     earlier_tasks_checked: int
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall seconds
+    world_size: int = 1  # processes that trained it (torchrun)
 
 
-def _ensure_repository_target(path: Path) -> ModelRepository | None:
-    """The repository at `path` if there is one; None if it can be created there. Writes nothing."""
+def _ensure_repository_target(path: str | Path) -> ModelRepository | ObjectStoreRepository | None:
+    """The repository at `path` (a folder or an object-store URL) if there is one; None if it can be created
+    there. Writes nothing."""
+    if is_remote(path):
+        try:
+            return ObjectStoreRepository.open(str(path))
+        except RepositoryError as e:
+            if "no " + MARKER_FILE not in str(e):
+                raise
+            if not ObjectStoreRepository(str(path)).is_empty():
+                raise RepositoryError(f"{path} holds objects and is not a clnp model repository") from None
+            return None
+    path = Path(path)
     if (path / MARKER_FILE).exists():
         return ModelRepository.open(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -65,7 +84,7 @@ def _ensure_repository_target(path: Path) -> ModelRepository | None:
     return None
 
 
-def load_network(repo: ModelRepository, manifest: Manifest) -> tuple[MaskedNetwork, list[torch.Tensor]]:
+def load_network(repo: ModelRepository | ObjectStoreRepository, manifest: Manifest) -> tuple[MaskedNetwork, list[torch.Tensor]]:
     """Rebuild the torch network and ownership of a stored version (safetensors: no code runs)."""
     spec = parse_network_spec(manifest.network)
     arrays = repo.load_weights(manifest)
@@ -123,7 +142,7 @@ def add_task(
     """
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    root = Path(repository)
+    root = str(repository) if is_remote(repository) else Path(repository)
     validate_task_name(task)
     repo = _ensure_repository_target(root)
     previous = repo.verify() if repo is not None and repo.latest() is not None else None
@@ -174,77 +193,99 @@ def add_task(
         new_owner_list, outcome = learn_task(net, owners, index, tensors, config, show_progress=show_progress)
     timings["learn"] = time.perf_counter() - t0
 
-    probe = tensors.x_val[:PROBE_SAMPLES]
-    checked = 0
-    if previous is not None:
-        checked = verify_earlier_tasks_unchanged(spec, old_tensors, owners, net, new_owner_list, probe)
+    w = distributed.world()
+    if w is not None and not w.is_main:  # data-parallel: rank 0 checks and publishes; this rank waits for it
+        done = distributed.main_rank_outcome(None)
+        if done["error"] is not None:
+            raise RankZeroFailedError(f"rank 0 did not publish: {done['error']}")
+        timings["total"] = time.perf_counter() - t_start
+        return AddTaskResult(Manifest.from_dict(done["manifest"]), outcome, done["test_accuracy"], done["parity"],
+                             done["checked"], timings, world_size=w.size)
+    try:
+        probe = tensors.x_val[:PROBE_SAMPLES]
+        checked = 0
+        if previous is not None:
+            checked = verify_earlier_tasks_unchanged(spec, old_tensors, owners, net, new_owner_list, probe)
 
-    test_acc = None
-    if data.x_test is not None and len(data.x_test):
-        x_test = fit_to_network(data.x_test, spec, "test split")
-        test_acc = accuracy(net, x_test, torch.from_numpy(data.y_test.astype(np.int64)), index,
-                            task_masks(new_owner_list, index))
+        test_acc = None
+        if data.x_test is not None and len(data.x_test):
+            x_test = fit_to_network(data.x_test, spec, "test split")
+            test_acc = accuracy(net, x_test, torch.from_numpy(data.y_test.astype(np.int64)), index,
+                                task_masks(new_owner_list, index))
 
-    t0 = time.perf_counter()
-    onnx_bytes, max_classes = export_onnx(net, new_owner_list)
-    parity = check_parity(onnx_bytes, net, new_owner_list, {t: probe for t in range(net.num_tasks)})
-    timings["export"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        onnx_bytes, max_classes = export_onnx(net, new_owner_list)
+        parity = check_parity(onnx_bytes, net, new_owner_list, {t: probe for t in range(net.num_tasks)})
+        timings["export"] = time.perf_counter() - t0
 
-    created = utc_now()
-    names = spec.layer_names
-    new_record_fields = dict(
-        name=task,
-        index=index,
-        classes=tuple(data.class_names),
-        source=data.source,
-        input_shape=tuple(spec.input_shape),
-        validation_accuracy=round(outcome.validation_accuracy, 4),
-        test_accuracy=None if test_acc is None else round(test_acc, 4),
-        reused=dict(outcome.reused),
-        created=created,
-        training={
-            "config": asdict(config),
-            "limit": limit,
-            "label_column": label_column,
-            "device": device,
-            "train_samples": int(len(tensors.x_train)),
-            "validation_samples": int(len(tensors.x_val)),
-            "dense_validation_accuracy": round(outcome.dense_validation_accuracy, 4),
-            "units_pruned": outcome.units_pruned,
-            "connections_pruned": {k: round(v, 4) for k, v in outcome.connections_pruned.items()},
-            "epoch_seconds": [round(s, 2) for s in outcome.epoch_seconds],
-            "phase_seconds": {k: round(v, 2) for k, v in outcome.phase_seconds.items()},
-            "seconds": round(outcome.seconds, 2),
-        },
-    )
-
-    def build_manifest(version: int, weights_sha: str, onnx_sha: str) -> Manifest:
-        earlier = previous.tasks if previous is not None else ()
-        return Manifest(
-            format_version=FORMAT_VERSION,
-            version=version,
-            network=str(spec),
+        created = utc_now()
+        names = spec.layer_names
+        new_record_fields = dict(
+            name=task,
+            index=index,
+            classes=tuple(data.class_names),
+            source=data.source,
             input_shape=tuple(spec.input_shape),
-            layers=tuple(
-                LayerRecord(name=n, kind=l.kind, units=l.units, owner=tuple(int(v) for v in o.tolist()))
-                for n, l, o in zip(names, spec.layers, new_owner_list)
-            ),
-            tasks=tuple(earlier) + (TaskRecord(version=version, **new_record_fields),),
-            onnx=OnnxRecord(file=ONNX_FILE, input_name=INPUT_NAME, task_input_name=TASK_INPUT_NAME,
-                            output_name=OUTPUT_NAME, max_classes=max_classes, opset=OPSET, sha256=onnx_sha),
-            weights_file=WEIGHTS_FILE,
-            weights_sha256=weights_sha,
+            validation_accuracy=round(outcome.validation_accuracy, 4),
+            test_accuracy=None if test_acc is None else round(test_acc, 4),
+            reused=dict(outcome.reused),
             created=created,
+            training={
+                "config": asdict(config),
+                "limit": limit,
+                "label_column": label_column,
+                "device": device,
+                "train_samples": int(len(tensors.x_train)),
+                "validation_samples": int(len(tensors.x_val)),
+                "dense_validation_accuracy": round(outcome.dense_validation_accuracy, 4),
+                "units_pruned": outcome.units_pruned,
+                "connections_pruned": {k: round(v, 4) for k, v in outcome.connections_pruned.items()},
+                "epoch_seconds": [round(s, 2) for s in outcome.epoch_seconds],
+                "phase_seconds": {k: round(v, 2) for k, v in outcome.phase_seconds.items()},
+                "seconds": round(outcome.seconds, 2),
+            },
         )
 
-    t0 = time.perf_counter()
-    if repo is None:
-        repo = ModelRepository.create(root)
-    weights = {k: v.detach().cpu().numpy() for k, v in net.state_tensors().items()}
-    manifest = repo.publish(build_manifest, weights, onnx_bytes, retention=retention)
-    timings["publish"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    return AddTaskResult(manifest, outcome, test_acc, parity, checked, timings)
+        def build_manifest(version: int, weights_sha: str, onnx_sha: str) -> Manifest:
+            earlier = previous.tasks if previous is not None else ()
+            return Manifest(
+                format_version=FORMAT_VERSION,
+                version=version,
+                network=str(spec),
+                input_shape=tuple(spec.input_shape),
+                layers=tuple(
+                    LayerRecord(name=n, kind=l.kind, units=l.units, owner=tuple(int(v) for v in o.tolist()))
+                    for n, l, o in zip(names, spec.layers, new_owner_list)
+                ),
+                tasks=tuple(earlier) + (TaskRecord(version=version, **new_record_fields),),
+                onnx=OnnxRecord(file=ONNX_FILE, input_name=INPUT_NAME, task_input_name=TASK_INPUT_NAME,
+                                output_name=OUTPUT_NAME, max_classes=max_classes, opset=OPSET, sha256=onnx_sha),
+                weights_file=WEIGHTS_FILE,
+                weights_sha256=weights_sha,
+                created=created,
+            )
+
+        t0 = time.perf_counter()
+        if repo is None:
+            repo = create_repository(root)
+        weights = {k: v.detach().cpu().numpy() for k, v in net.state_tensors().items()}
+        # The version this task was built on + 1: if another trainer published it meanwhile, fail rather than
+        # publish a network without that trainer's task.
+        version = 1 if previous is None else previous.version + 1
+        manifest = repo.publish(build_manifest, weights, onnx_bytes, retention=retention, version=version)
+        timings["publish"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        result = AddTaskResult(manifest, outcome, test_acc, parity, checked, timings)
+    except BaseException as e:
+        if w is not None:
+            distributed.main_rank_outcome({"error": str(e) or type(e).__name__})
+        raise
+    if w is not None:
+        distributed.main_rank_outcome({"error": None, "manifest": asdict(result.manifest),
+                                       "test_accuracy": result.test_accuracy, "parity": result.parity_max_difference,
+                                       "checked": result.earlier_tasks_checked})
+        result = dataclasses.replace(result, world_size=w.size)
+    return result
 
 
 def verify_earlier_tasks_unchanged(spec: NetworkSpec, old_tensors: dict[str, torch.Tensor],
@@ -285,7 +326,7 @@ def evaluate(repository: str | Path, task: str | None = None, *, data_dir: str |
     Falls back to the validation split for sources without a test split. Raises RepositoryError,
     DataError, KeyError (unknown task).
     """
-    repo = ModelRepository.open(repository)
+    repo = open_repository(repository)
     manifest = repo.verify(version)
     net, owners = load_network(repo, manifest)
     spec = net.spec

@@ -63,11 +63,21 @@ class TaskTrainer:
     """
 
     def __init__(self, net: MaskedNetwork, owners: list[torch.Tensor], task: int, seed: int, batch_size: int,
-                 show_progress: bool = False, generator: torch.Generator | None = None):
+                 show_progress: bool = False, generator: torch.Generator | None = None,
+                 dropout_generator: torch.Generator | None = None):
+        from trainer.distributed import world
+
         self.net, self.owners, self.task = net, owners, task
         self.batch_size = batch_size
-        self.show_progress = show_progress
+        self.world = world()  # set under torchrun: batches are sharded and gradients all-reduced (trainer.distributed)
+        self.show_progress = show_progress and (self.world is None or self.world.is_main)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        if dropout_generator is None:
+            # Alone: one stream orders the data and draws dropout. Data-parallel: the shared stream stays the same on
+            # every rank (it seeds the sampler and initialisation), and each rank draws its own dropout.
+            dropout_generator = self.generator if self.world is None else \
+                torch.Generator().manual_seed(seed * 7919 + self.world.rank + 1)
+        self.dropout_generator = dropout_generator
 
     # ---- which entries may move -----------------------------------------------------------------
 
@@ -116,7 +126,22 @@ class TaskTrainer:
         net, t = self.net, self.task
         opt = torch.optim.Adam(params, lr=plan.learning_rate)  # fresh state: a zero-gradient entry never moves
         n = len(x)
-        steps_per_epoch = math.ceil(n / self.batch_size)
+        w = self.world
+        batch_size = self.batch_size if w is None else max(1, self.batch_size // w.size)  # per rank
+
+        def forward(xb, step_masks):
+            acts = net.hidden(net.preprocess(xb, t), step_masks)
+            return acts, net.features(acts) @ net.head_weights[t].T + net.head_biases[t]  # (B, classes)
+
+        if w is not None:
+            from trainer.distributed import data_parallel, shard_order
+
+            forward = data_parallel(forward, params)  # all-reduces the gradients of `params` during backward
+            sampler_seed = int(torch.randint(2 ** 31 - 1, (1,), generator=self.generator))
+            n_local = math.ceil(n / w.size)
+        else:
+            n_local = n
+        steps_per_epoch = math.ceil(n_local / batch_size)
         total_steps = max(1, round(plan.epochs * steps_per_epoch))
         check_steps = round(plan.check_every * steps_per_epoch) if plan.check_every > 0 and stop_when else 0
         decay_from = math.ceil(plan.epochs * 0.75) * steps_per_epoch if plan.epochs >= 2 else total_steps
@@ -127,7 +152,10 @@ class TaskTrainer:
         while step < total_steps:
             within = step % steps_per_epoch
             if within == 0:
-                order = torch.randperm(n, generator=self.generator).to(x.device)
+                if w is None:
+                    order = torch.randperm(n, generator=self.generator).to(x.device)
+                else:
+                    order = shard_order(n, w, sampler_seed, step // steps_per_epoch).to(x.device)
             lr = plan.learning_rate
             if plan.lr_schedule == "step" and step >= decay_from:
                 lr *= plan.lr_decay
@@ -135,15 +163,14 @@ class TaskTrainer:
                 lr *= 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = order[within * self.batch_size:(within + 1) * self.batch_size]
+            idx = order[within * batch_size:(within + 1) * batch_size]
             xb, yb = x[idx], y[idx]
             step_masks = masks
             if plan.dropout > 0:  # dense layers only: dropping whole conv filters hurts small conv layers
-                step_masks = [m * torch.bernoulli(torch.full((len(idx), len(m)), keep), generator=self.generator)
+                step_masks = [m * torch.bernoulli(torch.full((len(idx), len(m)), keep), generator=self.dropout_generator)
                               .to(m.device) / keep if layer.kind == "dense" else m
                               for m, layer in zip(masks, net.spec.layers)]  # (B, units)
-            acts = net.hidden(net.preprocess(xb, t), step_masks)
-            logits = net.features(acts) @ net.head_weights[t].T + net.head_biases[t]  # (B, classes)
+            acts, logits = forward(xb, step_masks)
             loss = F.cross_entropy(logits, yb)
             if teacher is not None and plan.distill > 0:
                 T = plan.temperature
@@ -156,7 +183,7 @@ class TaskTrainer:
             if extra_loss is not None:
                 loss = loss + extra_loss()
             opt.zero_grad(set_to_none=False)
-            loss.backward()
+            loss.backward()  # data-parallel: the gradients are averaged over the ranks when this returns
             for p, m in zip(params, grad_masks):
                 if m is not None:
                     p.grad.mul_(m)
@@ -202,7 +229,8 @@ def train_compact(trainer: "TaskTrainer", visible: list[torch.Tensor], plan: Epo
     from trainer.compact import compact_task, write_back
 
     ct = compact_task(trainer.net, trainer.owners, trainer.task, visible)
-    small = TaskTrainer(ct.net, ct.owners, 0, 0, trainer.batch_size, trainer.show_progress, generator=trainer.generator)
+    small = TaskTrainer(ct.net, ct.owners, 0, 0, trainer.batch_size, trainer.show_progress, generator=trainer.generator,
+                        dropout_generator=trainer.dropout_generator)
     params, grad_masks = small.own_unit_parameters() if own_units else small.free_unit_parameters()
     ones = [torch.ones(len(o), device=o.device) for o in ct.owners]
     def back_at_target() -> bool:
