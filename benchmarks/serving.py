@@ -4,9 +4,10 @@
 What it measures, all in one run so that every figure is a ratio against a floor taken on the
 same (possibly busy) machine:
 
-* the floor: the served ONNX model in this process with ONNX Runtime, one intra-op thread,
-  batch-1 calls in a sequential loop (req/s, p50, p99), taken before and after the server runs;
-  the higher of the two is the floor the ratios use (the stricter choice);
+* the floor: the shared ONNX graph (model.onnx) in this process with ONNX Runtime, one intra-op
+  thread, batch-1 calls in a sequential loop (req/s, p50, p99), taken before and after the server
+  runs; the higher of the two is the floor the ratios use (the stricter choice); with task graphs
+  in the version, the same loop on them too (what the server runs by default);
 * clnp-serve as a subprocess (`clnp-serve --repository R --host 127.0.0.1 --port 0`), with its
   default micro-batching and with `--no-batching`: batch-1 ModelInfer requests spread
   round-robin over several tasks, at concurrency 1, 8 and 32 (client threads, each with its own
@@ -142,24 +143,20 @@ def summarize(label: str, concurrency: int, latencies: list[float], seconds: flo
 # ---- the floor: ONNX Runtime in-process --------------------------------------------------------
 
 
-def measure_floor(onnx_path: Path, manifest, task_indices: list[int], x: np.ndarray, warmup: float,
-                  duration: float) -> Measurement:
-    """Batch-1 calls in a sequential loop, one intra-op thread (the server's session options)."""
-    import onnxruntime as ort
+def measure_floor(repo, manifest, task_indices: list[int], x: np.ndarray, warmup: float,
+                  duration: float, task_graphs: bool = False) -> Measurement:
+    """Batch-1 calls in a sequential loop through the server's own runtime code in-process (`load_version`, one
+    intra-op thread): on the shared graph (the floor the ratios use: the published network's cost, as in runs
+    before task graphs), or with `task_graphs` on each task's own subnetwork graph, as the server runs them."""
+    from serving.runtime import load_version
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    onnx = manifest.onnx
-    feeds = [{onnx.input_name: x, onnx.task_input_name: np.array([t], dtype=np.int64)} for t in task_indices]
-    outputs = [onnx.output_name]
+    loaded = load_version(repo, manifest.version, task_graphs=task_graphs)
+    feeds = [(x, np.array([t], dtype=np.int64)) for t in task_indices]
     n = len(feeds)
     end = time.perf_counter() + warmup
     i = 0
     while time.perf_counter() < end:
-        session.run(outputs, feeds[i % n])
+        loaded.run(*feeds[i % n])
         i += 1
     latencies = []
     start = time.perf_counter()
@@ -168,10 +165,11 @@ def measure_floor(onnx_path: Path, manifest, task_indices: list[int], x: np.ndar
         s = time.perf_counter()
         if s >= end:
             break
-        session.run(outputs, feeds[i % n])
+        loaded.run(*feeds[i % n])
         latencies.append(time.perf_counter() - s)
         i += 1
-    return summarize("in-process ORT (floor)", 1, latencies, time.perf_counter() - start)
+    return summarize("in-process ORT (task graphs)" if task_graphs else "in-process ORT (floor)", 1, latencies,
+                     time.perf_counter() - start)
 
 
 # ---- the server ------------------------------------------------------------------------------
@@ -423,10 +421,16 @@ def render_markdown(report: dict) -> str:
         "Latency is the client's: from the call to the decoded response, gRPC and both processes' queuing included. "
         "On this 2-core machine client and server share the CPUs (last column: cores each kept busy).",
         "",
-        f"Floor (ONNX Runtime in-process, 1 intra-op thread, sequential batch-1 calls): **{fmt(floor['req_per_s'])} req/s**, "
+        f"Floor (the shared graph in-process: ONNX Runtime, 1 intra-op thread, sequential batch-1 calls): "
+        f"**{fmt(floor['req_per_s'])} req/s**, "
         f"p50 {fmt(floor['p50_ms'], 2)} ms, p99 {fmt(floor['p99_ms'], 2)} ms; measured "
         + ", ".join(f"{f['extra']['when']}: {fmt(f['req_per_s'])} req/s" for f in report["floor_runs"])
-        + "; the highest is the floor every ratio uses (the strictest choice on a busy machine).",
+        + "; the highest is the floor every ratio uses (the strictest choice on a busy machine)."
+        + ("" if not report.get("task_graph_floor") else
+           f" The server answers each task from its own subnetwork graph (`--no-task-graphs`: the shared graph); "
+           f"in-process those calls run at {fmt(report['task_graph_floor']['req_per_s'])} req/s "
+           f"(p50 {fmt(report['task_graph_floor']['p50_ms'], 2)} ms), so with them the server is bound by gRPC and "
+           "Python, not by the model."),
         "",
         "| server | concurrency | req/s | p50 ms | p99 ms | ratio to floor | CPU cores: server / client |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -454,8 +458,8 @@ def render_markdown(report: dict) -> str:
         "",
         "## Server memory",
         "",
-        "VmRSS of the clnp-serve process after start-up and 200 batch-1 requests (one ONNX Runtime session "
-        "per version serves every task; the weights are held once).",
+        "VmRSS of the clnp-serve process after start-up and 200 batch-1 requests (per version: the shared graph's "
+        "ONNX Runtime session, and each task's subnetwork graph where the version has them).",
         "",
         "| repository served | version | tasks | model.onnx MiB | VmRSS MiB | VmHWM MiB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -562,7 +566,7 @@ def main(argv=None) -> int:
     floors: list[Measurement] = []
 
     def floor_run(when: str) -> None:
-        f = measure_floor(repo.onnx_path(manifest), manifest, task_indices, x, args.warmup, args.duration)
+        f = measure_floor(repo, manifest, task_indices, x, args.warmup, args.duration)
         f.extra["when"] = when
         floors.append(f)
         print(f"floor (in-process ORT, {when}): {f.req_per_s} req/s, p50 {f.p50_ms} ms, p99 {f.p99_ms} ms", flush=True)
@@ -611,6 +615,10 @@ def main(argv=None) -> int:
 
     floor_run("after the servers")
     floor = max(floors, key=lambda f: f.req_per_s)
+    graph_floor = None
+    if any(t.graph for t in manifest.tasks):
+        graph_floor = measure_floor(repo, manifest, task_indices, x, args.warmup, args.duration, task_graphs=True)
+        print(f"in-process with task graphs: {graph_floor.req_per_s} req/s, p50 {graph_floor.p50_ms} ms", flush=True)
     for m in [*results, *pa_results]:
         m.ratio_to_floor = round(m.req_per_s / floor.req_per_s, 3) if floor.req_per_s else None
 
@@ -657,6 +665,7 @@ def main(argv=None) -> int:
         },
         "floor": asdict(floor),
         "floor_runs": [asdict(f) for f in floors],
+        "task_graph_floor": None if graph_floor is None else asdict(graph_floor),
         "results": [asdict(m) for m in results],
         "perf_analyzer": [asdict(m) for m in pa_results],
         "target": target,

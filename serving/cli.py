@@ -42,6 +42,9 @@ DEFAULT_TARGET = "localhost:50051"
 @click.option("--max-request-rows", default=0, type=click.IntRange(0),
               help="Most rows one request may hold; 0: no limit but --max-message-bytes.")
 @click.option("--batching/--no-batching", default=True, help="Run concurrent requests as one ONNX Runtime call.")
+@click.option("--task-graphs/--no-task-graphs", default=True,
+              help="Run each task on its own subnetwork graph (only the units it sees) where the version has one; "
+                   "--no-task-graphs runs every task on the shared graph.")
 @click.option("--batch-timeout-us", default=500, type=click.IntRange(0),
               help="Under load, how long a batch waits to fill (never when the queue is empty).")
 @click.option("--poll-interval", default=2.0, type=click.FloatRange(0), help="Seconds between repository checks; 0: off.")
@@ -68,7 +71,7 @@ DEFAULT_TARGET = "localhost:50051"
                    "`clnp-admin health --status-file` (the images' HEALTHCHECK) [env CLNP_STATUS_FILE].")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve_main(repository, cache_dir, host, port, threads, intra_op_threads, keep_versions, max_batch_size, max_request_rows,
-               batching, batch_timeout_us, poll_interval, metrics_port, metrics_host, token, require_token_for_inference,
+               batching, task_graphs, batch_timeout_us, poll_interval, metrics_port, metrics_host, token, require_token_for_inference,
                tls_cert, tls_key, max_message_bytes, shutdown_grace, workers, max_worker_restarts, execution_provider,
                status_file, log_level):
     """Serve every task of a CLNP model repository over the Open Inference Protocol (gRPC).
@@ -97,6 +100,7 @@ def serve_main(repository, cache_dir, host, port, threads, intra_op_threads, kee
             max_batch_size=max_batch_size,
             max_request_rows=max_request_rows,
             batching=batching,
+            task_graphs=task_graphs,
             batch_timeout_us=batch_timeout_us,
             execution_provider=execution_provider,
         ),

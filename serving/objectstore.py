@@ -25,7 +25,6 @@ and GOOGLE_* / AZURE_STORAGE_* for the other clouds, all read by obstore itself.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -43,6 +42,8 @@ from serving.repository import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     MARKER_FILE,
+    ONNX_FILE,
+    WEIGHTS_FILE,
     CorruptVersionError,
     Manifest,
     ModelRepository,
@@ -94,6 +95,12 @@ def _store(url: str):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
+
+
+def _tokened(name: str, token: str) -> str:
+    """model.onnx -> model.<token>.onnx"""
+    stem, dot, ext = name.partition(".")
+    return f"{stem}.{token}{dot}{ext}"
 
 
 def _sha256(data: bytes) -> str:
@@ -289,8 +296,7 @@ class ObjectStoreRepository:
         key = (manifest.version, name)
         if key in self._fetched:
             return self._fetched[key]
-        expected = {manifest.onnx.file: (manifest.onnx.sha256, manifest.onnx.size),
-                    manifest.weights_file: (manifest.weights_sha256, manifest.weights_size)}
+        expected = {n: (sha, size) for n, sha, size in manifest.files()}
         if name not in expected:
             raise CorruptVersionError(f"version {manifest.version}: the manifest names no file {name!r}")
         sha, size = expected[name]
@@ -309,7 +315,7 @@ class ObjectStoreRepository:
     def verify(self, version: int | None = None) -> Manifest:
         """Read `version`'s manifest and check both files against their sizes and sha256."""
         manifest = self.read_manifest(version)
-        for name in (manifest.onnx.file, manifest.weights_file):
+        for name, _, _ in manifest.files():
             self.fetch(manifest, name)
         return manifest
 
@@ -329,7 +335,8 @@ class ObjectStoreRepository:
     # ---- writing ---------------------------------------------------------------------------
 
     def publish(self, build_manifest, weights: Mapping[str, np.ndarray], onnx_bytes: bytes,
-                retention: int | None = None, version: int | None = None) -> Manifest:
+                retention: int | None = None, version: int | None = None,
+                extra_files: Mapping[str, bytes] | None = None) -> Manifest:
         """Publish the next version: files first, then the manifest with a create-only put.
 
         Same contract as `ModelRepository.publish`. Raises RepositoryError, having removed its own uploads, when
@@ -345,20 +352,17 @@ class ObjectStoreRepository:
             raise RepositoryError(version_taken(self.url, version))
         token = uuid.uuid4().hex[:12]
         weights_bytes = save({k: np.ascontiguousarray(v) for k, v in weights.items()})
-        weights_name, onnx_name = f"weights.{token}.safetensors", f"model.{token}.onnx"
+        files = {WEIGHTS_FILE: weights_bytes, ONNX_FILE: onnx_bytes, **(extra_files or {})}
+        names = {name: _tokened(name, token) for name in files}  # unique per writer: racing uploads never collide
         uploaded: list[str] = []
         try:
-            for name, data in ((weights_name, weights_bytes), (onnx_name, onnx_bytes)):
-                self._put(f"{version}/{name}", data)
-                uploaded.append(f"{version}/{name}")
+            for name, data in files.items():
+                self._put(f"{version}/{names[name]}", data)
+                uploaded.append(f"{version}/{names[name]}")
             manifest = build_manifest(version, _sha256(weights_bytes), _sha256(onnx_bytes))
             if manifest.version != version:
                 raise RepositoryError(f"manifest built for version {manifest.version}, expected {version}")
-            manifest = dataclasses.replace(
-                manifest,
-                onnx=dataclasses.replace(manifest.onnx, file=onnx_name, size=len(onnx_bytes)),
-                weights_file=weights_name, weights_size=len(weights_bytes),
-            )
+            manifest = manifest.with_files(names, {name: len(data) for name, data in files.items()})
             body = manifest.to_json().encode()
             try:
                 self._put(f"{version}/{MANIFEST_FILE}", body, create=True)
@@ -395,7 +399,7 @@ class ObjectStoreRepository:
             if MANIFEST_FILE in objs:
                 try:
                     m = self.read_manifest(version)
-                    keep = {MANIFEST_FILE, m.onnx.file, m.weights_file}
+                    keep = {MANIFEST_FILE, *(name for name, _, _ in m.files())}
                 except (RepositoryError, FileNotFoundError):
                     continue  # a manifest we cannot read: leave the folder for a person to look at
             for name in sorted(set(objs) - keep):
@@ -446,8 +450,7 @@ class ObjectStoreRepository:
                 continue
             try:
                 manifest = self.verify(version)
-                cache.install(manifest, {name: self.fetch(manifest, name)
-                                         for name in (manifest.onnx.file, manifest.weights_file)})
+                cache.install(manifest, {name: self.fetch(manifest, name) for name, _, _ in manifest.files()})
             except (RepositoryError, FileNotFoundError) as e:
                 message = str(e) if isinstance(e, RepositoryError) else f"version {version} vanished while reading"
                 result.errors[version] = message

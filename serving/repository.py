@@ -8,6 +8,7 @@ Layout on disk::
         manifest.json             what the version is (see `Manifest`); written last
         weights.safetensors       the trainable state (never pickle: a repository must not run code)
         model.onnx                one shared network with per-task masks, heads and preprocessing
+        task-<i>.onnx             task i's own subnetwork (only the units it sees); named in the manifest
       2/ ...
       .staging-*/                 a version being written; never read, renamed into place when complete
 
@@ -117,6 +118,10 @@ class TaskRecord:
     created: str  # ISO 8601 UTC time the task was learned
     version: int  # the repository version that first held this task
     training: Mapping[str, Any] = field(default_factory=dict)  # options and figures of its training
+    # The task's own subnetwork as a small ONNX graph (only the units it sees): {"file", "sha256", "size", "units"}.
+    # Same inputs as the shared graph (the task input is all zeros); output (batch, len(classes)). None in
+    # versions written before task graphs; the server then runs the shared graph.
+    graph: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,25 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    def files(self) -> list[tuple[str, str, int | None]]:
+        """Every file of the version besides the manifest: (name, sha256, size or None)."""
+        out = [(self.onnx.file, self.onnx.sha256, self.onnx.size), (self.weights_file, self.weights_sha256, self.weights_size)]
+        out += [(t.graph["file"], t.graph["sha256"], t.graph.get("size")) for t in self.tasks if t.graph]
+        return out
+
+    def with_files(self, names: Mapping[str, str], sizes: Mapping[str, int]) -> "Manifest":
+        """This manifest with its files renamed (`names`: old -> new; absent: kept) and their sizes set."""
+        def new(name: str) -> str:
+            return names.get(name, name)
+
+        tasks = tuple(dataclasses.replace(t, graph={**t.graph, "file": new(t.graph["file"]),
+                                                    "size": sizes.get(t.graph["file"], t.graph.get("size"))})
+                      if t.graph else t for t in self.tasks)
+        return dataclasses.replace(
+            self, tasks=tasks,
+            onnx=dataclasses.replace(self.onnx, file=new(self.onnx.file), size=sizes.get(self.onnx.file, self.onnx.size)),
+            weights_file=new(self.weights_file), weights_size=sizes.get(self.weights_file, self.weights_size))
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
         """Build a Manifest from its JSON form; raises ValueError/KeyError/TypeError on bad data."""
@@ -191,6 +215,7 @@ class Manifest:
                 created=t["created"],
                 version=int(t["version"]),
                 training=dict(t.get("training", {})),
+                graph=None if t.get("graph") is None else dict(t["graph"]),
             )
             for t in data["tasks"]
         )
@@ -342,8 +367,7 @@ class ModelRepository:
         """
         manifest = self.read_manifest(version)
         vdir = self.version_dir(manifest.version)
-        for name, expected, size in ((manifest.onnx.file, manifest.onnx.sha256, manifest.onnx.size),
-                                     (manifest.weights_file, manifest.weights_sha256, manifest.weights_size)):
+        for name, expected, size in manifest.files():
             path = vdir / name
             if not path.is_file():
                 raise CorruptVersionError(f"version {manifest.version}: {name} is missing")
@@ -356,6 +380,22 @@ class ModelRepository:
 
     def onnx_path(self, manifest: Manifest) -> Path:
         return self.version_dir(manifest.version) / manifest.onnx.file
+
+    def file_path(self, manifest: Manifest, name: str) -> Path:
+        return self.version_dir(manifest.version) / name
+
+    def fetch(self, manifest: Manifest, name: str) -> bytes:
+        """One of the version's files, checked against the manifest's sha256 (CorruptVersionError)."""
+        expected = {n: sha for n, sha, _ in manifest.files()}
+        if name not in expected:
+            raise CorruptVersionError(f"version {manifest.version}: the manifest names no file {name!r}")
+        try:
+            data = self.file_path(manifest, name).read_bytes()
+        except FileNotFoundError:
+            raise CorruptVersionError(f"version {manifest.version}: {name} is missing") from None
+        if hashlib.sha256(data).hexdigest() != expected[name]:
+            raise CorruptVersionError(f"version {manifest.version}: {name} does not match its checksum")
+        return data
 
     def load_weights(self, manifest: Manifest) -> dict[str, np.ndarray]:
         """The version's tensors as numpy arrays (safetensors: no code runs on load)."""
@@ -376,6 +416,7 @@ class ModelRepository:
         onnx_bytes: bytes,
         retention: int | None = None,
         version: int | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
     ) -> Manifest:
         """Write a new version atomically and return its manifest.
 
@@ -385,6 +426,7 @@ class ModelRepository:
         staging directory is removed and the repository is as it was. Afterwards versions beyond
         `retention` (oldest first, never the newest) are removed.
 
+        `extra_files` (name -> bytes) are written beside them; the manifest must name them (task graphs).
         `version` is the number to publish (the trainer passes the version it built on + 1, so a version
         published meanwhile by another trainer is never silently dropped); default: the latest + 1.
         Raises RepositoryError if another writer published that version number first.
@@ -402,14 +444,16 @@ class ModelRepository:
             weights_bytes = save({k: np.ascontiguousarray(v) for k, v in weights.items()})
             _write_synced(staging / WEIGHTS_FILE, weights_bytes)
             _write_synced(staging / ONNX_FILE, onnx_bytes)
+            for name, data in (extra_files or {}).items():
+                _write_synced(staging / name, data)
             manifest = build_manifest(
                 version, hashlib.sha256(weights_bytes).hexdigest(), hashlib.sha256(onnx_bytes).hexdigest()
             )
             if manifest.version != version:
                 raise RepositoryError(f"manifest built for version {manifest.version}, expected {version}")
-            manifest = dataclasses.replace(
-                manifest, onnx=dataclasses.replace(manifest.onnx, file=ONNX_FILE, size=len(onnx_bytes)),
-                weights_file=WEIGHTS_FILE, weights_size=len(weights_bytes))
+            sizes = {ONNX_FILE: len(onnx_bytes), WEIGHTS_FILE: len(weights_bytes),
+                     **{n: len(d) for n, d in (extra_files or {}).items()}}
+            manifest = manifest.with_files({}, sizes)
             self._commit(staging, manifest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -435,8 +479,7 @@ class ModelRepository:
         The files are checked against the manifest first (CorruptVersionError). Returns False, writing nothing,
         when the version is already here (another process of the same server installed it).
         """
-        expected = {manifest.onnx.file: (manifest.onnx.sha256, manifest.onnx.size),
-                    manifest.weights_file: (manifest.weights_sha256, manifest.weights_size)}
+        expected = {name: (sha, size) for name, sha, size in manifest.files()}
         if set(files) != set(expected):
             raise CorruptVersionError(f"version {manifest.version}: expected files {sorted(expected)}, got {sorted(files)}")
         for name, data in files.items():

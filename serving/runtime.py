@@ -44,6 +44,7 @@ class RuntimeConfig:
     batching: bool = True  # run concurrent requests (of any tasks) as one ORT call
     batch_timeout_us: int = 500  # when requests queue behind the first, how long to wait for more
     execution_provider: str = "cpu"  # "cpu" or "cuda" (needs onnxruntime-gpu and a GPU)
+    task_graphs: bool = True  # run each task's own subnetwork graph where the version has one (else the shared graph)
 
     def __post_init__(self) -> None:
         for name, low in (("intra_op_threads", 1), ("keep_versions", 1), ("max_batch_size", 1),
@@ -110,11 +111,13 @@ def _rfc3339_now() -> str:
 
 
 class LoadedVersion:
-    """One verified, warmed-up version: its manifest and the ORT session serving all its tasks."""
+    """One verified, warmed-up version: its manifest, the ORT session of the shared graph, and those of the tasks'
+    own subnetwork graphs (task index -> session), which answer for their tasks where present."""
 
-    def __init__(self, manifest: Manifest, session) -> None:
+    def __init__(self, manifest: Manifest, session, task_sessions: dict | None = None) -> None:
         self.manifest = manifest
         self.session = session
+        self.task_sessions = dict(task_sessions or {})
         self._tasks = {t.name: t for t in manifest.tasks}
 
     @property
@@ -141,14 +144,43 @@ class LoadedVersion:
             raise UnknownTask(f"unknown task (model) {name!r}; served tasks: {known}") from None
 
     def run(self, x: np.ndarray, task_index: np.ndarray) -> np.ndarray:
-        """Scores of every row: x (B, *input_shape) float32, task_index (B,) int64 -> (B, max_classes) float32."""
+        """Scores of every row: x (B, *input_shape) float32, task_index (B,) int64 -> (B, max_classes) float32.
+
+        Rows of a task with its own graph run there (one call per task in the batch), the rest on the shared graph;
+        columns past a task's classes are zero either way.
+        """
+        onnx = self.manifest.onnx
+        if not self.task_sessions:
+            return self._run_shared(x, task_index)
+        first = int(task_index[0])
+        if first in self.task_sessions and (task_index == first).all():  # the common case: one task
+            return self._run_task(first, x)
+        scores = np.zeros((len(x), onnx.max_classes), dtype=np.float32)
+        for t in np.unique(task_index).tolist():
+            rows = np.flatnonzero(task_index == t)
+            part = x[rows]
+            scores[rows] = self._run_task(t, part) if t in self.task_sessions else \
+                self._run_shared(part, task_index[rows])
+        return scores
+
+    def _run_shared(self, x: np.ndarray, task_index: np.ndarray) -> np.ndarray:
         onnx = self.manifest.onnx
         (scores,) = self.session.run([onnx.output_name], {onnx.input_name: x, onnx.task_input_name: task_index})
         return scores
 
+    def _run_task(self, t: int, x: np.ndarray) -> np.ndarray:
+        onnx = self.manifest.onnx
+        (own,) = self.task_sessions[t].run([onnx.output_name], {onnx.input_name: x,
+                                                                onnx.task_input_name: np.zeros(len(x), np.int64)})
+        if own.shape[1] == onnx.max_classes:
+            return own
+        scores = np.zeros((len(x), onnx.max_classes), dtype=np.float32)
+        scores[:, :own.shape[1]] = own
+        return scores
+
 
 def load_version(repository: ModelRepository, version: int, intra_op_threads: int = 1,
-                 execution_provider: str = "cpu") -> LoadedVersion:
+                 execution_provider: str = "cpu", task_graphs: bool = True) -> LoadedVersion:
     """Verify, open and warm up one version.
 
     Checks both files against their checksums, creates the session, checks its inputs and
@@ -186,7 +218,13 @@ def load_version(repository: ModelRepository, version: int, intra_op_threads: in
         )
     if onnx.output_name not in outputs:
         raise RuntimeError(f"version {version}: the model has no output {onnx.output_name!r}")
-    loaded = LoadedVersion(manifest, session)
+    task_sessions = {}
+    if task_graphs:
+        for task in manifest.tasks:
+            if task.graph:
+                path = repository.file_path(manifest, task.graph["file"])
+                task_sessions[task.index] = ort.InferenceSession(str(path), options, providers=providers)
+    loaded = LoadedVersion(manifest, session, task_sessions)
     zeros = np.zeros((2, *manifest.input_shape), dtype=np.float32)
     for task in manifest.tasks:
         if len(task.classes) > onnx.max_classes:
@@ -199,6 +237,13 @@ def load_version(repository: ModelRepository, version: int, intra_op_threads: in
             )
         if not np.all(np.isfinite(scores)):
             raise RuntimeError(f"version {version}: warm-up of task {task.name!r} returned non-finite scores")
+        if task.index in task_sessions:  # its own graph must answer as the shared graph does (up to round-off)
+            probe = np.random.default_rng(task.index).random((4, *manifest.input_shape), dtype=np.float32)
+            index = np.full(4, task.index, dtype=np.int64)
+            own, shared = loaded.run(probe, index), loaded._run_shared(probe, index)
+            if not np.allclose(own, shared, rtol=0, atol=1e-5 + 1e-4 * float(np.abs(shared).max())):
+                raise RuntimeError(f"version {version}: task {task.name!r}'s own graph disagrees with the shared "
+                                   f"graph by {float(np.abs(own - shared).max()):.3g}")
     return loaded
 
 
@@ -463,7 +508,7 @@ class Runtime:
         start = time.perf_counter()
         try:
             loaded = load_version(self.repository, version, self.config.intra_op_threads,
-                                  self.config.execution_provider)
+                                  self.config.execution_provider, self.config.task_graphs)
         except Exception as e:  # any failure means: do not serve it; the message is recorded and logged
             error = ReloadError(version, str(e) or type(e).__name__, self._last_attempt)
             self._failed[version] = (signature, error)

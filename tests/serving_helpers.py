@@ -194,3 +194,25 @@ def ort_scores(model_path: Path, x, task_index: int, classes: int):
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     (scores,) = session.run(["scores"], {"input": x, "task": np.full(len(x), task_index, dtype=np.int64)})
     return scores[:, :classes]
+
+
+def served_scores(version_dir: Path, x, task: str):
+    """What clnp-serve answers for `task` of that version: its own subnetwork graph when the version has one,
+    else the shared graph (one thread, like the server's default)."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    manifest = json.loads((Path(version_dir) / "manifest.json").read_text())
+    record = next(t for t in manifest["tasks"] if t["name"] == task)
+    classes = len(record["classes"])
+    if not record.get("graph"):
+        return ort_scores(Path(version_dir) / manifest["onnx"]["file"], x, record["index"], classes)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(Path(version_dir) / record["graph"]["file"]), options,
+                                   providers=["CPUExecutionProvider"])
+    (scores,) = session.run(["scores"], {"input": x, "task": np.zeros(len(x), dtype=np.int64)})
+    return scores[:, :classes]

@@ -23,7 +23,7 @@ import pytest
 
 from serving._generated.inference import grpc_service_pb2 as pb
 from serving._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from serving_helpers import DATA, ROOT, copy_repository, free_port, ort_scores, template_repository
+from serving_helpers import DATA, ROOT, copy_repository, free_port, served_scores, template_repository
 
 BASE_IMAGE = "localhost/pybase:3.11"
 CONTAINERS_CONF = ROOT.parent / "shared" / "tools" / "containers.conf"
@@ -87,7 +87,7 @@ def test_serve_image_health_inference_user_and_clean_stop(images, tmp_path_facto
             request.raw_input_contents.append(x.tobytes())
             response = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=20)
         scores = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(3, 10)
-        np.testing.assert_array_equal(scores, ort_scores(repo / "2" / "model.onnx", x, 1, 10))
+        np.testing.assert_array_equal(scores, served_scores(repo / "2", x, "fashion"))
         podman("stop", "-t", "30", cid, timeout=60)
         state = json.loads(podman("inspect", cid).stdout)[0]["State"]
         assert state["ExitCode"] == 0, state

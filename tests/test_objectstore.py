@@ -31,7 +31,7 @@ from serving_helpers import (
     ROOT,
     add_task_command,
     free_port,
-    ort_scores,
+    served_scores,
     start_server,
     subprocess_env,
     template_repository,
@@ -107,7 +107,13 @@ def upload(template: Path, remote: ObjectStoreRepository, version: int):
         return dataclasses.replace(m, version=v, weights_sha256=weights_sha,
                                    onnx=dataclasses.replace(m.onnx, sha256=onnx_sha))
 
-    return remote.publish(build, local.load_weights(m), local.onnx_path(m).read_bytes(), version=version)
+    return remote.publish(build, local.load_weights(m), local.onnx_path(m).read_bytes(), version=version,
+                          extra_files=graph_files(local, m))
+
+
+def graph_files(local: ModelRepository, m) -> dict[str, bytes]:
+    """The version's task graphs by file name."""
+    return {t.graph["file"]: local.fetch(m, t.graph["file"]) for t in m.tasks if t.graph}
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:
@@ -124,9 +130,7 @@ def infer(stub, task: str, x: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def expected(template: Path, version: int, task: str, x: np.ndarray) -> np.ndarray:
-    manifest = ModelRepository.open(template).read_manifest(version)
-    record = manifest.task(task)
-    return ort_scores(template / str(version) / "model.onnx", x, record.index, len(record.classes))
+    return served_scores(template / str(version), x, task)
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
@@ -151,9 +155,9 @@ def test_trainer_publishes_to_s3_and_the_server_serves_and_reloads_it(bucket, tm
     assert train.returncode == 0, train.stdout + train.stderr
     stored = objects(bucket, "models/demo")
     names = sorted(stored)
-    assert names[0] == "1/manifest.json" and names[-1] == "clnp-repository.json" and len(names) == 4, names
-    assert any(n.startswith("1/model.") and n.endswith(".onnx") for n in names)
-    assert any(n.startswith("1/weights.") and n.endswith(".safetensors") for n in names)
+    assert names[0] == "1/manifest.json" and names[-1] == "clnp-repository.json" and len(names) == 5, names
+    for stem, ext in (("model", "onnx"), ("weights", "safetensors"), ("task-0", "onnx")):  # token-named uploads
+        assert sum(1 for n in names if n.startswith(f"1/{stem}.") and n.endswith(f".{ext}")) == 1, (stem, names)
 
     capacity = subprocess.run([sys.executable, "-c", "import sys; from trainer.cli import main; sys.exit(main())",
                                "capacity", "--repository", url, "--json"], env=subprocess_env(), cwd=ROOT,
@@ -171,7 +175,7 @@ def test_trainer_publishes_to_s3_and_the_server_serves_and_reloads_it(bucket, tm
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             scores, version = infer(stub, "digits", x)
             assert version == 1
-            np.testing.assert_array_equal(scores, ort_scores(model, x, 0, 10))
+            np.testing.assert_array_equal(scores, served_scores(model.parent, x, "digits"))
             train = subprocess.run(add_task_command(url, "fashion", "fashion-mnist"), env=subprocess_env(), cwd=ROOT,
                                    capture_output=True, text=True, timeout=300)
             assert train.returncode == 0, train.stdout + train.stderr
@@ -208,11 +212,12 @@ def test_two_publishers_racing_for_one_version_exactly_one_wins(template, bucket
                                    onnx=dataclasses.replace(m2.onnx, sha256=onnx_sha))
 
     with pytest.raises(RepositoryError, match="version 2 was published to .* by another writer meanwhile"):
-        a.publish(build_after_the_other_publishes, local.load_weights(m2), local.onnx_path(m2).read_bytes(), version=2)
+        a.publish(build_after_the_other_publishes, local.load_weights(m2), local.onnx_path(m2).read_bytes(), version=2,
+                  extra_files=graph_files(local, m2))
     winner = raced["winner"]
     stored = objects(bucket, "race")
     assert sorted(k for k in stored if k.startswith("2/")) == sorted(
-        ["2/manifest.json", f"2/{winner.onnx.file}", f"2/{winner.weights_file}"])  # the loser removed its files
+        ["2/manifest.json"] + [f"2/{name}" for name, _, _ in winner.files()])  # the loser removed its files
     assert open_repository(url).verify(2) == winner
 
 
@@ -234,7 +239,7 @@ def test_two_trainers_racing_one_publishes_the_other_fails_clearly(template, buc
     manifest = repo.verify(2)
     assert manifest.task_names == ("digits", winner)
     assert sorted(k for k in objects(bucket, "trainers") if k.startswith("2/")) == sorted(
-        ["2/manifest.json", f"2/{manifest.onnx.file}", f"2/{manifest.weights_file}"])
+        ["2/manifest.json"] + [f"2/{name}" for name, _, _ in manifest.files()])
 
 
 def test_publish_killed_mid_upload_leaves_no_version_and_the_next_publish_cleans_up(template, bucket, tmp_path):
@@ -266,7 +271,7 @@ def test_publish_killed_mid_upload_leaves_no_version_and_the_next_publish_cleans
 
     published = upload(template, repo, 2)
     left = sorted(k for k in objects(bucket, "killed") if k.startswith("2/"))
-    assert left == sorted(["2/manifest.json", f"2/{published.onnx.file}", f"2/{published.weights_file}"])
+    assert left == sorted(["2/manifest.json"] + [f"2/{name}" for name, _, _ in published.files()])
     assert not set(leftovers) & set(left)
 
 

@@ -7,6 +7,7 @@ in protobuf's registry) is only ever imported in subprocesses (tests/test_triton
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from serving_helpers import (
     add_task_command,
     copy_repository,
     ort_scores,
+    served_scores,
     publish_copy,
     self_signed_certificate,
     start_server,
@@ -85,9 +87,7 @@ def scores_of(response: pb.ModelInferResponse) -> np.ndarray:
 
 
 def expected(template: Path, version: int, task: str, x: np.ndarray) -> np.ndarray:
-    manifest = ModelRepository.open(template).read_manifest(version)
-    record = manifest.task(task)
-    return ort_scores(template / str(version) / "model.onnx", x, record.index, len(record.classes))
+    return served_scores(template / str(version), x, task)
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
@@ -114,6 +114,44 @@ def test_runtime_matches_onnxruntime_for_every_task(template, batching):
             got = runtime.infer(task, x)
             assert got.shape == (5, CLASSES[task])
             np.testing.assert_array_equal(got, expected(template, 3, task, x))
+    finally:
+        runtime.close()
+
+
+def test_task_graphs_answer_as_the_shared_graph_does_up_to_round_off(template):
+    x = rows(6)
+    answers = {}
+    for graphs in (True, False):
+        runtime = Runtime(ModelRepository.open(template), RuntimeConfig(task_graphs=graphs, batching=False))
+        runtime.start()
+        try:
+            answers[graphs] = {task: runtime.infer(task, x) for task in TASKS}
+        finally:
+            runtime.close()
+    manifest = ModelRepository.open(template).read_manifest(3)
+    for task in TASKS:
+        record = manifest.task(task)
+        shared = ort_scores(template / "3" / "model.onnx", x, record.index, len(record.classes))
+        np.testing.assert_array_equal(answers[False][task], shared)  # --no-task-graphs: the shared graph
+        np.testing.assert_array_equal(answers[True][task], expected(template, 3, task, x))  # the task's own graph
+        np.testing.assert_allclose(answers[True][task], shared, rtol=0, atol=1e-5)
+        assert (answers[True][task].argmax(1) == shared.argmax(1)).all()
+
+
+def test_a_task_graph_that_disagrees_with_the_shared_graph_is_not_served(template, tmp_path):
+    repo = copy_repository(template, tmp_path / "repo", (1, 2))
+    # Version 2 with task 0's graph swapped for task 1's (checksums made to match): it loads, but answers wrongly.
+    v2 = repo / "2"
+    data = json.loads((v2 / "manifest.json").read_text())
+    g0, g1 = data["tasks"][0]["graph"], data["tasks"][1]["graph"]
+    (v2 / g0["file"]).write_bytes((v2 / g1["file"]).read_bytes())
+    g0["sha256"], g0["size"] = g1["sha256"], g1["size"]
+    (v2 / "manifest.json").write_text(json.dumps(data))
+    runtime = Runtime(ModelRepository.open(repo))
+    try:
+        runtime.start()
+        assert runtime.status().loaded_version == 1
+        assert "own graph disagrees with the shared graph" in runtime.status().last_error.message
     finally:
         runtime.close()
 

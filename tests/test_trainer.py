@@ -107,6 +107,38 @@ def test_onnx_matches_torch_for_every_task(three_task_repo, probe):
         np.testing.assert_allclose(mixed[rows, : len(t.classes)], _logits(repo, manifest.version, t.index, probe[rows]).numpy(), atol=1e-5)
 
 
+def test_task_graphs_match_torch_see_only_their_units_and_carry_over_byte_for_byte(three_task_repo, probe):
+    repo = ModelRepository.open(three_task_repo)
+    manifest = repo.verify()
+    x = probe.reshape(len(probe), *manifest.input_shape)
+    for t in manifest.tasks:
+        assert t.graph is not None, t.name
+        visible = {l.name: sum(1 for o in l.owner if 0 <= o <= t.index) for l in manifest.layers}
+        assert t.graph["units"] == visible  # only the units the task sees
+        session = ort.InferenceSession(str(repo.file_path(manifest, t.graph["file"])), providers=["CPUExecutionProvider"])
+        got = session.run(["scores"], {"input": x, "task": np.zeros(len(x), dtype=np.int64)})[0]
+        assert got.shape == (len(x), len(t.classes))
+        np.testing.assert_allclose(got, _logits(repo, manifest.version, t.index, probe).numpy(), rtol=0, atol=1e-5)
+        for v in range(t.version, manifest.version + 1):  # every later version holds the very same graph
+            later = repo.read_manifest(v).task(t.name).graph
+            assert later["sha256"] == t.graph["sha256"]
+            assert repo.fetch(repo.read_manifest(v), later["file"]) == repo.fetch(manifest, t.graph["file"])
+
+
+def test_a_version_without_task_graphs_gets_them_at_the_next_add_task(tmp_path, data_dir):
+    root = tmp_path / "repo"
+    config = CLNPConfig(epochs=1, finetune_epochs=0, prune_connections=False)
+    add_task(root, "a", "mnist", network="mlp:784-32-32", config=config, limit=1000, data_dir=str(data_dir))
+    manifest_path = root / "1" / "manifest.json"  # make version 1 look like one written before task graphs
+    data = json.loads(manifest_path.read_text())
+    (root / "1" / data["tasks"][0].pop("graph")["file"]).unlink()
+    manifest_path.write_text(json.dumps(data))
+    assert ModelRepository.open(root).verify(1).tasks[0].graph is None
+    add_task(root, "b", "fashion-mnist", config=config, limit=1000, data_dir=str(data_dir))
+    m = ModelRepository.open(root).verify(2)
+    assert [t.graph is not None for t in m.tasks] == [True, True]
+
+
 def test_onnx_rejects_out_of_range_task_index(three_task_repo, probe):
     repo = ModelRepository.open(three_task_repo)
     manifest = repo.read_manifest()

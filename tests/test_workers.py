@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving._generated.clnp.admin.v1 import admin_pb2, admin_pb2_grpc
 from serving._generated.inference import grpc_service_pb2 as pb
 from serving._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from serving_helpers import copy_repository, ort_scores, publish_copy, start_server, template_repository
+from serving_helpers import copy_repository, publish_copy, served_scores, start_server, template_repository
 
 WORKERS = 2
 
@@ -86,7 +86,7 @@ def test_workers_share_a_port_reload_together_and_report_one_set_of_metrics(temp
         pids = {w: status(ch).pid for w, ch in chans.items()}
         assert len(set(pids.values())) == WORKERS and os.getpid() not in pids.values()
         x = (np.random.default_rng(1).random((3, 784)) * 255).astype(np.float32)
-        want = ort_scores(repo / "2" / "model.onnx", x, 0, 10)
+        want = served_scores(repo / "2", x, "digits")
         for ch in chans.values():  # every worker answers, with the same scores
             for _ in range(5):
                 np.testing.assert_array_equal(infer(ch, "digits", x), want)
@@ -101,7 +101,7 @@ def test_workers_share_a_port_reload_together_and_report_one_set_of_metrics(temp
         assert "(worker 0 of 2)" in reload.message and "the other 1 worker was told to reload" in reload.message
         wait_until(lambda: all(status(ch).loaded_version == 3 for ch in chans.values()))
         for ch in chans.values():
-            np.testing.assert_array_equal(infer(ch, "pairs", x), ort_scores(repo / "3" / "model.onnx", x, 2, 2))
+            np.testing.assert_array_equal(infer(ch, "pairs", x), served_scores(repo / "3", x, "pairs"))
         wait_until(lambda: metric(mport, "clnp_loaded_version") == 3)  # the minimum over the workers
         assert metric(mport, "clnp_tasks_served") == 3
         for ch in chans.values():

@@ -86,3 +86,32 @@ def check_parity(onnx_bytes: bytes, net: MaskedNetwork, owners: list[torch.Tenso
                     f"> {float(allowed[row, 0]):.3g} allowed for scores up to {float(np.abs(expected[row]).max()):.3g}"
                 )
     return worst
+
+
+def export_task_graph(net: MaskedNetwork, owners: list[torch.Tensor], task: int,
+                      probe: torch.Tensor) -> tuple[bytes, dict[str, int]] | None:
+    """Task `task`'s own subnetwork as a small ONNX graph; returns (serialized model, units per layer).
+
+    Only the units the task sees (owned by a task <= `task`) are copied, so a batch-1 call reads a fraction of the
+    shared network's weights (the product is memory-bound: 784-2000-2000 is 22 MB a call). Inputs are those of the
+    shared graph (the task input is all zeros); the output is (batch, classes). It is checked against the torch
+    network on `probe` (the same tolerance as the shared graph). None when a layer shows the task no unit.
+    """
+    from trainer.compact import compact_task
+
+    visible = [m.bool() for m in task_masks(owners, task)]
+    units = {name: int(v.sum()) for name, v in zip(net.spec.layer_names, visible)}
+    if min(units.values()) == 0:
+        return None
+    ct = compact_task(net, owners, task, visible)
+    everything = [torch.zeros_like(o) for o in ct.owners]  # the copy's one task sees every copied unit
+    data, _ = export_onnx(ct.net, everything)
+    with torch.no_grad():
+        full = net(probe, task, task_masks(owners, task)).numpy()
+        small = ct.net(probe, 0, task_masks(everything, 0)).numpy()
+    allowed = PARITY_ATOL + PARITY_RTOL * np.abs(full).max(axis=1, keepdims=True)
+    if (np.abs(small - full) > allowed).any():
+        raise ExportError(f"task {task}'s own subnetwork disagrees with the shared network by "
+                          f"{float(np.abs(small - full).max()):.3g}")
+    check_parity(data, ct.net, everything, {0: probe})
+    return data, units

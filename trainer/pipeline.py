@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -32,7 +33,7 @@ from trainer import distributed
 from trainer.clnp import CLNPConfig, TaskOutcome, check_capacity, learn_task, new_owners, task_masks, accuracy
 from trainer.data import TaskData, load_source
 from serving.contract import INPUT_NAME, OUTPUT_NAME, TASK_INPUT_NAME
-from trainer.export import OPSET, check_parity, export_onnx
+from trainer.export import OPSET, check_parity, export_onnx, export_task_graph
 from trainer.network import MaskedNetwork, NetworkSpec, parse_network_spec
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def add_task(
         t0 = time.perf_counter()
         onnx_bytes, max_classes = export_onnx(net, new_owner_list)
         parity = check_parity(onnx_bytes, net, new_owner_list, {t: probe for t in range(net.num_tasks)})
+        graphs, graph_records = _task_graphs(repo, previous, net, new_owner_list, probe)
         timings["export"] = time.perf_counter() - t0
 
         created = utc_now()
@@ -257,7 +259,8 @@ def add_task(
                     LayerRecord(name=n, kind=l.kind, units=l.units, owner=tuple(int(v) for v in o.tolist()))
                     for n, l, o in zip(names, spec.layers, new_owner_list)
                 ),
-                tasks=tuple(earlier) + (TaskRecord(version=version, **new_record_fields),),
+                tasks=tuple(dataclasses.replace(t, graph=graph_records.get(t.index)) for t in earlier)
+                + (TaskRecord(version=version, graph=graph_records.get(index), **new_record_fields),),
                 onnx=OnnxRecord(file=ONNX_FILE, input_name=INPUT_NAME, task_input_name=TASK_INPUT_NAME,
                                 output_name=OUTPUT_NAME, max_classes=max_classes, opset=OPSET, sha256=onnx_sha),
                 weights_file=WEIGHTS_FILE,
@@ -272,7 +275,8 @@ def add_task(
         # The version this task was built on + 1: if another trainer published it meanwhile, fail rather than
         # publish a network without that trainer's task.
         version = 1 if previous is None else previous.version + 1
-        manifest = repo.publish(build_manifest, weights, onnx_bytes, retention=retention, version=version)
+        manifest = repo.publish(build_manifest, weights, onnx_bytes, retention=retention, version=version,
+                                extra_files=graphs)
         timings["publish"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         result = AddTaskResult(manifest, outcome, test_acc, parity, checked, timings)
@@ -286,6 +290,31 @@ def add_task(
                                        "checked": result.earlier_tasks_checked})
         result = dataclasses.replace(result, world_size=w.size)
     return result
+
+
+def _task_graphs(repo, previous: Manifest | None, net: MaskedNetwork, owners: list[torch.Tensor],
+                 probe: torch.Tensor) -> tuple[dict[str, bytes], dict[int, dict]]:
+    """Every task's own subnetwork graph (file name -> bytes) and its manifest record (task index -> record).
+
+    An earlier task's graph is carried over byte for byte from the previous version: the units it sees never
+    change, so neither do its answers. Tasks without one (versions before task graphs, and the new task) are
+    exported and checked against torch.
+    """
+    graphs: dict[str, bytes] = {}
+    records: dict[int, dict] = {}
+    for t in range(net.num_tasks):
+        old = previous.tasks[t].graph if previous is not None and t < len(previous.tasks) else None
+        if old is not None:
+            data, units = repo.fetch(previous, old["file"]), dict(old["units"])
+        else:
+            exported = export_task_graph(net, owners, t, probe)
+            if exported is None:
+                continue
+            data, units = exported
+        name = f"task-{t}.onnx"
+        graphs[name] = data
+        records[t] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "units": units}
+    return graphs, records
 
 
 def verify_earlier_tasks_unchanged(spec: NetworkSpec, old_tensors: dict[str, torch.Tensor],
