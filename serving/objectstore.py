@@ -49,6 +49,7 @@ from serving.repository import (
     ModelRepository,
     RepositoryError,
     VersionNotFoundError,
+    check_marker,
     version_taken,
 )
 
@@ -231,16 +232,7 @@ class ObjectStoreRepository:
         return repo
 
     def _check_marker(self, raw: bytes) -> None:
-        try:
-            meta = json.loads(raw)
-        except ValueError as e:
-            raise RepositoryError(f"{self.url}/{MARKER_FILE} is unreadable: {e}") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise RepositoryError(f"{self.url}/{MARKER_FILE} does not describe a clnp model repository")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise RepositoryError(
-                f"{self.url} has repository format {meta.get('format_version')!r}; this build reads {FORMAT_VERSION}"
-            )
+        check_marker(raw, f"{self.url}/{MARKER_FILE}", self.url)
 
     def is_empty(self) -> bool:
         """True when nothing is stored under the URL's prefix."""

@@ -237,6 +237,20 @@ class Manifest:
         )
 
 
+def check_marker(raw: bytes, marker: str, root: str) -> None:
+    """Raise RepositoryError unless `raw` (the marker file's bytes) describes a repository this build reads."""
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise RepositoryError(f"{marker} is unreadable: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise RepositoryError(f"{marker} does not describe a clnp model repository")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise RepositoryError(
+            f"{root} has repository format {meta.get('format_version')!r}; this build reads {FORMAT_VERSION}"
+        )
+
+
 def version_taken(where, version: int) -> str:
     return (f"version {version} was published to {where} by another writer meanwhile; nothing written "
             f"(this task was trained onto version {version - 1 if version > 1 else 'none'}: run add-task again "
@@ -291,15 +305,10 @@ class ModelRepository:
         if not marker.is_file():
             raise RepositoryError(f"{root} is not a clnp model repository (no {MARKER_FILE})")
         try:
-            meta = json.loads(marker.read_text())
-        except (OSError, ValueError) as e:
+            raw = marker.read_bytes()
+        except OSError as e:
             raise RepositoryError(f"{marker} is unreadable: {e}") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise RepositoryError(f"{marker} does not describe a clnp model repository")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise RepositoryError(
-                f"{root} has repository format {meta.get('format_version')!r}; this build reads {FORMAT_VERSION}"
-            )
+        check_marker(raw, str(marker), str(root))
         return cls(root)
 
     @classmethod

@@ -81,6 +81,17 @@ def publish_copy(template: Path, repo: Path, version: int, corrupt: str | None =
     return repo / str(version)
 
 
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,6 +32,7 @@ from serving_helpers import (
     add_task_command,
     free_port,
     served_scores,
+    wait_until,
     start_server,
     subprocess_env,
     template_repository,
@@ -133,16 +134,6 @@ def expected(template: Path, version: int, task: str, x: np.ndarray) -> np.ndarr
     return served_scores(template / str(version), x, task)
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
 def test_is_remote_tells_urls_from_paths():
     assert is_remote("s3://bucket/prefix") and is_remote("gs://b/p") and is_remote("az://account/container")
     assert not is_remote("/srv/models") and not is_remote("models") and not is_remote(Path("s3:/x"))
@@ -179,7 +170,7 @@ def test_trainer_publishes_to_s3_and_the_server_serves_and_reloads_it(bucket, tm
             train = subprocess.run(add_task_command(url, "fashion", "fashion-mnist"), env=subprocess_env(), cwd=ROOT,
                                    capture_output=True, text=True, timeout=300)
             assert train.returncode == 0, train.stdout + train.stderr
-            wait_until(lambda: stub.ModelReady(pb.ModelReadyRequest(name="fashion")).ready)
+            wait_until(lambda: stub.ModelReady(pb.ModelReadyRequest(name="fashion")).ready, timeout=30)
             again, version = infer(stub, "digits", x)
             assert version == 2
             np.testing.assert_array_equal(again, scores)  # the earlier task answers bit for bit the same
@@ -314,7 +305,7 @@ def test_server_keeps_serving_when_the_newest_object_is_corrupt(template, bucket
             assert "version 2 not downloaded" in reply.message and "bytes, the manifest says" in reply.message, \
                 reply.message
             upload(template, repo, 3)  # a good version after the broken one
-            wait_until(lambda: stub.ModelReady(pb.ModelReadyRequest(name="pairs")).ready)
+            wait_until(lambda: stub.ModelReady(pb.ModelReadyRequest(name="pairs")).ready, timeout=30)
             assert infer(stub, "digits", x)[1] == 3
     finally:
         assert server.terminate() == 0, server.log()
@@ -355,16 +346,16 @@ def test_two_servers_converge_on_a_new_version_under_load(template, bucket, tmp_
     try:
         for c in clients:
             c.start()
-        wait_until(lambda: len(records) > 50)
+        wait_until(lambda: len(records) > 50, timeout=30)
         upload(template, repo, 3)
         published_at = time.monotonic()
         for s in servers:
             with grpc.insecure_channel(s.target) as ch:
                 stub = pb_grpc.GRPCInferenceServiceStub(ch)
-                wait_until(lambda: stub.ModelReady(pb.ModelReadyRequest(name="pairs")).ready)
+                wait_until(lambda: stub.ModelReady(pb.ModelReadyRequest(name="pairs")).ready, timeout=30)
         converged_after = time.monotonic() - published_at
         n = len(records)
-        wait_until(lambda: len(records) > n + 50)  # load goes on after both switched
+        wait_until(lambda: len(records) > n + 50, timeout=30)  # load goes on after both switched
     finally:
         stop.set()
         for c in clients:

@@ -39,6 +39,7 @@ from serving_helpers import (
     copy_repository,
     ort_scores,
     served_scores,
+    wait_until,
     publish_copy,
     self_signed_certificate,
     start_server,
@@ -88,16 +89,6 @@ def scores_of(response: pb.ModelInferResponse) -> np.ndarray:
 
 def expected(template: Path, version: int, task: str, x: np.ndarray) -> np.ndarray:
     return served_scores(template / str(version), x, task)
-
-
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 # ---- runtime (no gRPC) -------------------------------------------------------------------------
