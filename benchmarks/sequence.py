@@ -29,7 +29,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +100,12 @@ class RunRecord:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+def machine(device: str = "cpu") -> dict:
+    m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+         "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if device != "cpu":
+        m["device"] = torch.cuda.get_device_name()
+    return m
 
 
 def log(msg: str) -> None:
@@ -165,7 +168,7 @@ def run(args) -> RunRecord:
         overrides[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes"), "str": str}[kind](value)
     config = preset(args.preset, seed=args.seed, **overrides)
     fresh = RunRecord(SCHEMA_VERSION, args.method, args.preset, asdict(config), args.network, args.tasks, args.seed,
-                      args.limit, machine())
+                      args.limit, machine(args.device))
     net, owners, probes = None, None, {}
     if (out / "run.json").exists():
         if args.method == "clnp":
@@ -185,7 +188,7 @@ def run(args) -> RunRecord:
             owners = new_owners(net)
     spec = parse_network_spec(args.network)
     record.sessions += 1
-    record.machine = machine()
+    record.machine = machine(args.device)
     tests: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def test_set(t: int):
@@ -207,7 +210,7 @@ def run(args) -> RunRecord:
                 log(f"capacity exhausted before task {t + 1}: {e}")
                 save_state(out, record, net, owners, probes)
                 break
-            result = learn_clnp(net, owners, t, task, config)
+            result = learn_clnp(net, owners, t, task, config, args.device)
             owners = result.pop("owners")
             test_acc = accuracy(net, task.x_test, task.y_test, t, task_masks(owners, t))
             with torch.no_grad():
@@ -226,7 +229,7 @@ def run(args) -> RunRecord:
                           forecast_after={"additional_tasks": None if n_more == float("inf") else n_more,
                                           "basis": basis})
         else:
-            result = learn_single(t, task, config, args.network)
+            result = learn_single(t, task, config, args.network, args.device)
             row = [None] * t + [result["test_accuracy"]]
             result.update(free_after={}, reused={})
         record.tasks.append(TaskResult(index=t, source=task.source, **result))
@@ -241,30 +244,46 @@ def run(args) -> RunRecord:
     return record
 
 
-def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfig) -> dict:
+def on_device(task: Task, device: str) -> Task:
+    """The task's training and validation tensors on `device` (the test set stays on the CPU)."""
+    if device == "cpu":
+        return task
+    return replace(task, x_train=task.x_train.to(device), y_train=task.y_train.to(device),
+                   x_val=task.x_val.to(device), y_val=task.y_val.to(device))
+
+
+def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfig, device: str = "cpu") -> dict:
+    """Learn task `t` into `net` (trained on `device`; `net` is back on the CPU afterwards, as the checks run there)."""
     index = net.add_head(task.num_classes, task.scale, task.shift,
                          generator=torch.Generator().manual_seed(config.seed + 1))
     if index != t:
         raise RuntimeError(f"head {index} added for task {t}")
     t0 = time.perf_counter()
-    new, outcome = learn_task(net, owners, index, task, config)
+    try:
+        new, outcome = learn_task(net.to_device(device), owners, index, on_device(task, device), config)
+    finally:
+        net.to_device("cpu")
+    new = [o.cpu() for o in new]
     return {"owners": new, "validation_accuracy": outcome.validation_accuracy,
             "dense_validation_accuracy": outcome.dense_validation_accuracy, "units_kept": dict(outcome.units_kept),
             "reused": dict(outcome.reused), "prune_steps": outcome.prune_steps,
             "seconds": time.perf_counter() - t0}
 
 
-def learn_single(t: int, task: Task, config: CLNPConfig, network: str) -> dict:
+def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: str = "cpu") -> dict:
     """A fresh network trained on the task alone with CLNP's dense-phase schedule."""
     torch.manual_seed(config.seed)
     net = MaskedNetwork(parse_network_spec(network))
     net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(config.seed + 1))
-    trainer = TaskTrainer(net, new_owners(net), 0, config.seed, config.batch_size)
-    ones = [torch.ones(l.units) for l in net.spec.layers]
+    net.to_device(device)
+    trainer = TaskTrainer(net, [o.to(device) for o in new_owners(net)], 0, config.seed, config.batch_size)
+    ones = [torch.ones(l.units, device=device) for l in net.spec.layers]
     t0 = time.perf_counter()
-    trainer.run_epochs(task.x_train, task.y_train, config.dense_plan(), list(net.parameters()),
+    trainer.run_epochs(task.x_train.to(device), task.y_train.to(device), config.dense_plan(), list(net.parameters()),
                        [None] * len(list(net.parameters())), ones, desc="single-task")
     seconds = time.perf_counter() - t0
+    net.to_device("cpu")
+    ones = [o.cpu() for o in ones]
     val = accuracy(net, task.x_val, task.y_val, 0, ones)
     return {"test_accuracy": accuracy(net, task.x_test, task.y_test, 0, ones), "validation_accuracy": val,
             "dense_validation_accuracy": val, "units_kept": {n: l.units for n, l in zip(net.spec.layer_names, net.spec.layers)},
@@ -285,6 +304,8 @@ def parse_args(argv):
     r.add_argument("--limit", type=int, default=None, help="training samples per task (default: all)")
     r.add_argument("--data-dir", default=os.environ.get("CLNP_DATA_DIR"), help="folder holding mnist/")
     r.add_argument("--threads", type=int, default=1, help="torch threads (1: one process per core)")
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where tasks are trained; every check and the test accuracy run on the CPU")
     rep = sub.add_parser("report", help="summarise run folders into JSON, markdown and plots")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", required=True, help="folder for sequence.json, sequence.md and the plots")

@@ -196,9 +196,13 @@ def load_version(repository: ModelRepository, version: int, intra_op_threads: in
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    providers = [EXECUTION_PROVIDERS[execution_provider]]
+    providers: list = [EXECUTION_PROVIDERS[execution_provider]]
+    if execution_provider == "cuda":  # full float32 matmuls: TF32 would answer up to ~1e-3 away from the CPU
+        providers = [(EXECUTION_PROVIDERS["cuda"], {"use_tf32": "0"})]
     if execution_provider != "cpu":
         providers.append("CPUExecutionProvider")  # ONNX Runtime places the nodes the GPU provider lacks on the CPU
+        if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, where the system has none
+            ort.preload_dlls()
     session = ort.InferenceSession(str(repository.onnx_path(manifest)), options, providers=providers)
     onnx = manifest.onnx
     inputs = {i.name: i for i in session.get_inputs()}

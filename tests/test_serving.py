@@ -524,6 +524,31 @@ def test_execution_provider_refused_clearly_when_unavailable(template, tmp_path)
     assert "exited with 1" in str(e.value) and "Traceback" not in str(e.value)
 
 
+def test_cuda_sessions_ask_for_full_float32(template, monkeypatch):
+    """The CUDA provider is asked to keep TF32 off (on an H100, TF32 moved scores by up to 9e-4 from the CPU's)."""
+    import onnxruntime as ort
+
+    from serving.runtime import load_version
+
+    asked = []
+
+    class Refuse(Exception):
+        pass
+
+    def record(path, options, providers):
+        asked.append(providers)
+        raise Refuse
+
+    monkeypatch.setattr(ort, "InferenceSession", record)
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    repo = ModelRepository.open(template)
+    for provider, expected in (("cuda", [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]),
+                               ("cpu", ["CPUExecutionProvider"])):
+        with pytest.raises(Refuse):
+            load_version(repo, repo.versions()[-1], execution_provider=provider)
+        assert asked[-1] == expected
+
+
 def test_health_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "inference.GRPCInferenceService", "clnp.admin.v1.AdminService"):

@@ -242,6 +242,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
 
     phases["reuse"] = time.perf_counter() - t_phase
+    reused = reuse_counts(net, owners, task)  # where the network is (the owners follow it there)
     owners = [o.cpu() for o in owners]
     outcome = TaskOutcome(
         index=task,
@@ -249,7 +250,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         validation_accuracy=pruned_acc,
         units_kept={n: int((o == task).sum()) for n, o in zip(names, owners)},
         units_pruned=pruned_count,
-        reused=reuse_counts(net, owners, task),
+        reused=reused,
         connections_pruned=fractions,
         epoch_seconds=epoch_seconds,
         seconds=time.perf_counter() - t0,
