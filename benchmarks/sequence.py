@@ -67,6 +67,7 @@ class TaskResult:
     prune_steps: int
     seconds: float  # wall time of learning the task (no evaluation)
     forecast_after: dict = field(default_factory=dict)  # the capacity forecast after this task (CLNP)
+    trained_on: str = "cpu"  # "cpu", or the GPU's name (checks and test accuracy always run on the CPU)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class RunRecord:
     zero_forgetting: list[dict] = field(default_factory=list)  # {"task", "after_task", "identical"}
     capacity_exhausted_at: int | None = None
     sessions: int = 0  # how many times `run` started on this folder
+    notes: list[str] = field(default_factory=list)  # what happened to the run beside its tasks (machine changes)
 
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in ("method", "preset", "config", "network", "seed", "limit")}
@@ -187,8 +189,16 @@ def run(args) -> RunRecord:
             net = MaskedNetwork(parse_network_spec(args.network))
             owners = new_owners(net)
     spec = parse_network_spec(args.network)
+    here = machine(args.device)
+    if probes and any(record.machine.get(k) != here.get(k) for k in FLOAT_IDENTITY):
+        probes, moved = rebase_probes(net, owners, probes)
+        note = (f"session {record.sessions + 1}: resumed on another machine ({describe(record.machine)} -> "
+                f"{describe(here)}); the zero-forgetting probes were recomputed from the saved state here, "
+                f"{moved} of {len(probes)} differed in float round-off (another machine's kernels), not in weights")
+        record.notes.append(note)
+        log(note)
     record.sessions += 1
-    record.machine = machine(args.device)
+    record.machine = here
     tests: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def test_set(t: int):
@@ -232,7 +242,8 @@ def run(args) -> RunRecord:
             result = learn_single(t, task, config, args.network, args.device)
             row = [None] * t + [result["test_accuracy"]]
             result.update(free_after={}, reused={})
-        record.tasks.append(TaskResult(index=t, source=task.source, **result))
+        trained_on = "cpu" if args.device == "cpu" else torch.cuda.get_device_name()
+        record.tasks.append(TaskResult(index=t, source=task.source, trained_on=trained_on, **result))
         record.accuracy_rows.append(row)
         save_state(out, record, net if args.method == "clnp" else None, owners, probes)
         done = record.tasks[-1]
@@ -250,6 +261,30 @@ def on_device(task: Task, device: str) -> Task:
         return task
     return replace(task, x_train=task.x_train.to(device), y_train=task.y_train.to(device),
                    x_val=task.x_val.to(device), y_val=task.y_val.to(device))
+
+
+# What decides a CPU forward pass's round-off: the zero-forgetting probes compare bits, so they are only
+# compared on the machine (and torch build) that computed them.
+FLOAT_IDENTITY = ("platform", "processor", "torch")
+
+
+def describe(m: dict) -> str:
+    return f"{m.get('processor')}, {m.get('cpu_count')} cores, torch {m.get('torch')}"
+
+
+@torch.no_grad()
+def rebase_probes(net: MaskedNetwork, owners, probes: dict[int, tuple]) -> tuple[dict[int, tuple], int]:
+    """The probes' reference outputs recomputed here from the saved state, and how many changed.
+
+    The state file holds the weights the references were computed from, so recomputing them checks nothing
+    away: later tasks are still compared bit for bit against what these weights answer on this machine.
+    """
+    out, moved = {}, 0
+    for t, (x, ref) in sorted(probes.items()):
+        now = net(x, t, task_masks(owners, t))
+        moved += int(not torch.equal(now, ref))
+        out[t] = (x, now)
+    return out, moved
 
 
 def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfig, device: str = "cpu") -> dict:

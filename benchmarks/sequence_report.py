@@ -169,6 +169,15 @@ def markdown(res: dict, plots: list[str]) -> str:
         L.append(f"| {Path(s['folder']).name} | {s['label']} | {s['tasks_done']}/{s['tasks_planned']} | "
                  f"{'yes' if s['all_fit'] else 'no'} | {s['average_test_accuracy']:.2f} | {checks} | {_units(s['max_units_per_task'])} | {s['worst_drop_from_dense']:.2f} "
                  f"({s['max_drop']} + {s.get('reuse_max_drop', 0.0)}) | {s['seconds_per_task']:.0f} | {_units(s['free_after_last'])} |")
+    for folder, rec in res["records"].items():
+        devices: dict[str, list[int]] = {}
+        for t in rec["tasks"]:
+            devices.setdefault(t.get("trained_on", "cpu"), []).append(t["index"] + 1)
+        if len(devices) > 1 or rec.get("notes"):
+            L += ["", f"### {Path(folder).name}: machines and notes", ""]
+            L += [f"- Tasks {_ranges(ix)} trained on {'the CPU' if d == 'cpu' else d} (checks and test accuracy "
+                  "always on the CPU)." for d, ix in devices.items()]
+            L += [f"- {n}" for n in rec.get("notes", [])]
     for fc in res["forecasts"]:
         L += ["", f"## Capacity forecast after task {fc['after_task']} ({fc['folder']})", "",
               f"- `clnp-train capacity` forecast: {fc['forecast_additional_tasks']} more tasks ({fc['basis']}).",
@@ -187,6 +196,18 @@ def parse_widths(network: str) -> list[int]:
     from trainer.network import parse_network_spec
 
     return [l.units for l in parse_network_spec(network).layers]
+
+
+def _ranges(ix: list[int]) -> str:
+    """1, 2, 3, 5 -> "1-3, 5"."""
+    parts, start = [], None
+    for k, i in enumerate(ix):
+        if start is None:
+            start = i
+        if k + 1 == len(ix) or ix[k + 1] != i + 1:
+            parts.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(parts)
 
 
 def _units(d: dict) -> str:
