@@ -78,3 +78,25 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     assert "bit-identical" in md and "FREE after last" in md
     for png in ("sequence_free_units.png", "sequence_accuracy.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_on_another_machine_recomputes_the_probes(tmp_path, data_dir):
+    """Another CPU rounds the same weights differently: the probes are recomputed there, and the run says so."""
+    out = tmp_path / "r"
+    _run(out, 1, data_dir)
+    record, net, owners, probes = seq.load_state(out, "mlp:784-48-48")
+    record.machine = dict(record.machine, torch="0.0-elsewhere")
+    x, ref = probes[0]
+    probes[0] = (x, ref + 1e-6)  # what the other machine's kernels answered for the same weights
+    seq.save_state(out, record, net, owners, probes)
+    resumed = _run(out, 2, data_dir)
+    assert len(resumed.notes) == 1 and "1 of 1 differed" in resumed.notes[0] and "0.0-elsewhere" in resumed.notes[0]
+    assert [(z["task"], z["after_task"], z["identical"]) for z in resumed.zero_forgetting] == [(0, 1, True)]
+    # on the same machine nothing is recomputed: a stale probe would fail the check
+    record, net, owners, probes = seq.load_state(out, "mlp:784-48-48")
+    x, ref = probes[0]
+    probes[0] = (x, ref + 1e-6)
+    seq.save_state(out, record, net, owners, probes)
+    again = _run(out, 3, data_dir)
+    assert len(again.notes) == 1
+    assert [z["identical"] for z in again.zero_forgetting if z["after_task"] == 2] == [False, True]
