@@ -9,8 +9,8 @@ is only reported for a provider that answers what the CPU answers (up to float32
     python benchmarks/execution_provider.py --repository REPO --providers cpu cuda --batch-sizes 1 64 5000 ...
 
 `cuda` needs the onnxruntime-gpu build (`pip install 'clnp[gpu]'`) and a CUDA GPU; without them the run
-stops with the same one-line error `clnp-serve --execution-provider cuda` gives. Results go to --out
-(sequence of runs never overwrite each other unless --out names the same folder).
+stops with the same one-line error `clnp-serve --execution-provider cuda` gives. Results go to --out only: the
+committed results in benchmarks/results/ change only when --out names that folder.
 """
 
 from __future__ import annotations

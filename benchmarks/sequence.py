@@ -158,6 +158,8 @@ def load_state(out: Path, spec_text: str):
 
 
 def run(args) -> RunRecord:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: this torch build sees no CUDA device; use --device cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
