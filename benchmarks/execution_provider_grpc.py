@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 from serving._generated.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc as rpc  # noqa: E402
 
 
-def call(stub, x: np.ndarray, task: str) -> np.ndarray:
+def call(stub, x: np.ndarray, task: str, input_name: str) -> np.ndarray:
     req = pb.ModelInferRequest(model_name=task)
     t = req.inputs.add()
-    t.name, t.datatype = "input", "FP32"
+    t.name, t.datatype = input_name, "FP32"
     t.shape.extend(x.shape)
     req.raw_input_contents.append(x.tobytes())
     r = stub.ModelInfer(req)
@@ -61,18 +61,20 @@ def main() -> int:
                 return 1
             if task is None:
                 task = sorted(m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models)[-1]
+            meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=task)).inputs[0]
+            width = [int(d) for d in meta.shape[1:]]
             rng = np.random.default_rng(0)
             for b in (1, 64, 5000):
-                x = rng.random((b, 784), dtype=np.float32)
-                results.setdefault(b, {})[ep] = call(stub, x, task)
+                x = rng.random((b, *width), dtype=np.float32)
+                results.setdefault(b, {})[ep] = call(stub, x, task, meta.name)
                 for _ in range(20):
-                    call(stub, x, task)
+                    call(stub, x, task, meta.name)
                 n = max(20, 2000 // b) if b < 5000 else 40
                 latencies = []
                 t0 = time.perf_counter()
                 for _ in range(n):
                     s = time.perf_counter()
-                    call(stub, x, task)
+                    call(stub, x, task, meta.name)
                     latencies.append(time.perf_counter() - s)
                 seconds = time.perf_counter() - t0
                 print(f"gRPC {ep:4s} task {task} batch {b:5d}: p50 {np.median(latencies) * 1e3:.3f} ms  "
