@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,6 @@ def machine_info(providers: list[str]) -> dict:
     info["onnxruntime"] = ort.__version__
     if "cuda" in providers:
         try:
-            import subprocess
-
             info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                          capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError) as e:

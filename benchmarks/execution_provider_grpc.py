@@ -31,6 +31,19 @@ def call(stub, x: np.ndarray, task: str, input_name: str) -> np.ndarray:
     return np.frombuffer(r.raw_output_contents[0], dtype=np.float32).reshape(len(x), -1)
 
 
+def wait_ready(stub, process, timeout: float = 60.0) -> bool:
+    """True once the server answers ServerReady; False if it exits or `timeout` passes first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and process.poll() is None:
+        try:
+            if stub.ServerReady(pb.ServerReadyRequest()).ready:
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def main() -> int:
     repo = sys.argv[1]
     task = sys.argv[2] if len(sys.argv) > 2 else None
@@ -45,19 +58,9 @@ def main() -> int:
             channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20),
                                                                           ("grpc.max_send_message_length", 64 << 20)])
             stub = rpc.GRPCInferenceServiceStub(channel)
-            for _ in range(300):
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest()).ready:
-                        break
-                except grpc.RpcError:
-                    pass
-                if p.poll() is not None:
-                    break
-                time.sleep(0.2)
-            else:
-                p.poll()
-            if p.returncode is not None:
-                print(f"clnp-serve --execution-provider {ep} exited {p.returncode}:\n{log.read_text()[-2000:]}")
+            if not wait_ready(stub, p):
+                print(f"clnp-serve --execution-provider {ep} is not ready (exit code {p.poll()}):\n"
+                      f"{log.read_text()[-2000:]}")
                 return 1
             if task is None:
                 task = sorted(m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models)[-1]

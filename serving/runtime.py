@@ -62,6 +62,8 @@ def check_execution_provider(name: str) -> None:
     import onnxruntime as ort
 
     wanted = EXECUTION_PROVIDERS[name]
+    if name == "cuda" and hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, where the system has none
+        ort.preload_dlls()
     available = ort.get_available_providers()
     if wanted not in available:
         hint = " (install the onnxruntime-gpu build: pip install 'clnp[gpu]', and run where a CUDA GPU is visible)" \
@@ -201,8 +203,6 @@ def load_version(repository: ModelRepository, version: int, intra_op_threads: in
         providers = [(EXECUTION_PROVIDERS["cuda"], {"use_tf32": "0"})]
     if execution_provider != "cpu":
         providers.append("CPUExecutionProvider")  # ONNX Runtime places the nodes the GPU provider lacks on the CPU
-        if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, where the system has none
-            ort.preload_dlls()
     session = ort.InferenceSession(str(repository.onnx_path(manifest)), options, providers=providers)
     onnx = manifest.onnx
     inputs = {i.name: i for i in session.get_inputs()}
