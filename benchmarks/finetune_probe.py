@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""How much of the pruning loss can fine-tuning win back?
+
+Learns permuted-MNIST task 1 into a fresh network with a preset's dense phase and pruning schedule (as
+`learn_task` does, without its fine-tuning), saves that pruned state with the dense network's logits, then
+fine-tunes copies of it with each variant and reports validation and test accuracy. The test set is only
+reported, never used to choose.
+
+    python benchmarks/finetune_probe.py --cache /tmp/ftprobe --variant default --variant long-hard
+
+A variant is `NAME` from VARIANTS or `NAME:epochs=60,distill=0.9,temperature=4,lr=0.001,dropout=0.2,seed=1`
+(seed: the fine-tuning's data order and dropout).
+Prints one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from benchmarks.tasks import load_task  # noqa: E402
+from serving.contract import FREE  # noqa: E402
+from trainer.clnp import SCORES, new_owners, preset, task_masks  # noqa: E402
+from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
+from trainer.pruning import PruneContext, restore, schedule_for  # noqa: E402
+from trainer.training import TaskTrainer, accuracy, train_compact  # noqa: E402
+
+VARIANTS = {
+    "none": {"epochs": 0},
+    "default": {},  # the preset's own fine-tuning
+    "long": {"epochs": 60},
+    "hard": {"distill": 0.9, "temperature": 4.0},
+    "long-hard": {"epochs": 60, "distill": 0.9, "temperature": 4.0},
+    "long-hard-lowdrop": {"epochs": 60, "distill": 0.9, "temperature": 4.0, "dropout": 0.1},
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    if not rest:
+        if name not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {name!r}; choose one of {', '.join(VARIANTS)} or NAME:key=value,...")
+        return name, dict(VARIANTS[name])
+    out = {}
+    for kv in rest.split(","):
+        k, _, v = kv.partition("=")
+        out[k] = float(v)
+    return name, out
+
+
+def pruned_state(cache: Path, preset_name: str, network: str, data_dir, seed: int, max_drop: float | None = None):
+    spec = parse_network_spec(network)
+    task = load_task("permuted-mnist:1", spec, data_dir, None, seed, "cpu")
+    cfg = preset(preset_name, seed=seed, **({} if max_drop is None else {"max_drop": max_drop}))
+    torch.manual_seed(cfg.seed)
+    net = MaskedNetwork(spec)
+    owners = new_owners(net)
+    net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    f = cache / "pruned.safetensors"
+    if f.exists():
+        saved = load_file(f)
+        restore(net, {k[4:]: v for k, v in saved.items() if k.startswith("net.")})
+        owners = [saved[f"owners.{i}"] for i in range(len(owners))]
+        meta = json.loads((cache / "pruned.json").read_text())
+        return cfg, task, net, owners, saved["teacher"], meta
+    t0 = time.perf_counter()
+    tr = TaskTrainer(net, owners, 0, cfg.seed, cfg.batch_size, show_progress=False)
+    for i, o in enumerate(owners):
+        net.reinit_units(i, (o == FREE), generator=tr.generator)
+    all_on = [torch.ones(len(o)) for o in owners]
+    params, grad_masks = tr.free_unit_parameters()
+    free = [(o == FREE) for o in owners]
+    tr.run_epochs(task.x_train, task.y_train, cfg.dense_plan(), params, grad_masks, all_on, desc="train")
+    dense_val = accuracy(net, task.x_val, task.y_val, 0, all_on)
+    dense_test = accuracy(net, task.x_test, task.y_test, 0, all_on)
+    teacher = tr.logits(task.x_train, all_on)
+    earlier = [o != FREE for o in owners]
+    ctx = PruneContext(net=net, trainer=tr, task=0, x_train=task.x_train, y_train=task.y_train,
+                       accuracy=lambda keep: accuracy(net, task.x_val, task.y_val, 0, ctx.visible(keep)),
+                       candidates=free, earlier=earlier, score_samples=cfg.activity_samples,
+                       recovery=cfg.recovery_plan(), teacher=teacher, x_val=task.x_val, y_val=task.y_val)
+    schedule = schedule_for(cfg.schedule, cfg.prune_fraction, cfg.min_prune_fraction, cfg.max_prune_steps)
+    result = schedule(ctx, SCORES[cfg.score], dense_val, cfg.max_drop)
+    for i in range(len(owners)):
+        owners[i][free[i] & result.keep[i]] = 0
+    with torch.no_grad():  # as learn_task's _zero_free_connections: pruned units are cut out
+        for i, o in enumerate(owners):
+            gone = o == FREE
+            net.weights[i][gone] = 0
+            net.biases[i][gone] = 0
+            if i + 1 < len(owners):
+                w = net.weights[i + 1].reshape(net.weights[i + 1].shape[0], len(o), -1)
+                w[:, gone] = 0
+        hw = net.head_weights[0].reshape(net.head_weights[0].shape[0], len(owners[-1]), -1)
+        hw[:, owners[-1] == FREE] = 0
+    meta = {"dense_validation": dense_val, "dense_test": dense_test, "units": [int((o == 0).sum()) for o in owners],
+            "max_drop": cfg.max_drop, "prune_steps": result.steps, "seconds": round(time.perf_counter() - t0, 1)}
+    cache.mkdir(parents=True, exist_ok=True)
+    tensors = {f"net.{k}": v.contiguous() for k, v in net.state_tensors().items()}
+    tensors.update({f"owners.{i}": o.contiguous() for i, o in enumerate(owners)}, teacher=teacher.contiguous())
+    save_file(tensors, f)
+    (cache / "pruned.json").write_text(json.dumps(meta))
+    return cfg, task, net, owners, teacher, meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, required=True, help="folder for the pruned state (reused when present)")
+    p.add_argument("--variant", action="append", default=[], help="fine-tuning variant (repeatable)")
+    p.add_argument("--preset", default="default")
+    p.add_argument("--network", default="mlp:784-2000-2000")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-drop", type=float, help="the pruning bound (default: the preset's)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=os.environ.get("CLNP_DATA_DIR"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = [parse_variant(v) for v in args.variant or ["default"]]
+    cfg, task, net, owners, teacher, meta = pruned_state(args.cache, args.preset, args.network, args.data_dir, args.seed,
+                                                           args.max_drop)
+    masks = task_masks(owners, 0)
+    base = copy.deepcopy(net.state_tensors())
+    pruned_val = accuracy(net, task.x_val, task.y_val, 0, masks)
+    print(json.dumps({"pruned": meta, "pruned_validation": round(pruned_val, 3),
+                      "pruned_test": round(accuracy(net, task.x_test, task.y_test, 0, masks), 3)}), flush=True)
+    for name, v in variants:
+        restore(net, base)
+        plan = cfg.finetune_plan()
+        plan = replace(plan, epochs=int(v.get("epochs", plan.epochs)), learning_rate=v.get("lr", plan.learning_rate),
+                       distill=v.get("distill", plan.distill), temperature=v.get("temperature", plan.temperature),
+                       dropout=v.get("dropout", plan.dropout))
+        t0 = time.perf_counter()
+        if plan.epochs > 0:
+            tr = TaskTrainer(net, owners, 0, int(v.get("seed", cfg.seed + 17)), cfg.batch_size)
+            train_compact(tr, [m.bool() for m in masks], plan, task.x_train, task.y_train, own_units=True,
+                          teacher=teacher if plan.distill > 0 else None, desc="fine-tune")
+        print(json.dumps({"variant": name, "settings": v, "validation": round(accuracy(net, task.x_val, task.y_val, 0, masks), 3),
+                          "test": round(accuracy(net, task.x_test, task.y_test, 0, masks), 3),
+                          "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
