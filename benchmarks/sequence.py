@@ -68,6 +68,8 @@ class TaskResult:
     seconds: float  # wall time of learning the task (no evaluation)
     forecast_after: dict = field(default_factory=dict)  # the capacity forecast after this task (CLNP)
     trained_on: str = "cpu"  # "cpu", or the GPU's name (checks and test accuracy always run on the CPU)
+    phase_seconds: dict = field(default_factory=dict)  # CLNP: "train", "prune", "fine-tune", "reuse" -> wall s
+    phase_validation: dict = field(default_factory=dict)  # CLNP: the same phases -> validation % at their end
 
 
 @dataclass
@@ -304,6 +306,8 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
     return {"owners": new, "validation_accuracy": outcome.validation_accuracy,
             "dense_validation_accuracy": outcome.dense_validation_accuracy, "units_kept": dict(outcome.units_kept),
             "reused": dict(outcome.reused), "prune_steps": outcome.prune_steps,
+            "phase_seconds": {k: round(v, 1) for k, v in outcome.phase_seconds.items()},
+            "phase_validation": {k: round(v, 3) for k, v in outcome.phase_validation.items()},
             "seconds": time.perf_counter() - t0}
 
 

@@ -30,7 +30,7 @@ def _comparable(record) -> dict:
     d = json.loads(json.dumps(seq.asdict(record)))
     d.pop("machine"), d.pop("sessions")
     for t in d["tasks"]:
-        t.pop("seconds")
+        t.pop("seconds"), t.pop("phase_seconds")
     return d
 
 
@@ -46,6 +46,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir):
     assert [(z["task"], z["after_task"]) for z in resumed.zero_forgetting] == [(0, 1), (0, 2), (1, 2)]
     assert all(z["identical"] for z in resumed.zero_forgetting)
     assert all(t.forecast_after["basis"] for t in resumed.tasks)
+    assert all(t.phase_validation["reuse"] == round(t.validation_accuracy, 3) for t in resumed.tasks)
 
 
 def test_other_settings_are_refused(tmp_path, data_dir):

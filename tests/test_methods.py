@@ -54,6 +54,12 @@ def test_method_keeps_the_invariants(name, overrides, tmp_path, data_dir):
     assert all(0 <= k < 64 for k in second.outcome.units_kept.values())  # it may live on reused units alone
     for outcome in (first.outcome, second.outcome):
         assert outcome.validation_accuracy >= outcome.dense_validation_accuracy - config.max_drop - 1e-9
+        # validation after each phase: it starts at the dense figure and ends at the published one
+        phases = outcome.phase_validation
+        assert list(phases) == ["train", "prune", "fine-tune", "reuse"]
+        assert phases["train"] == outcome.dense_validation_accuracy
+        assert phases["reuse"] == outcome.validation_accuracy
+        assert phases["fine-tune"] >= phases["prune"]  # fine-tuning is kept only if it does not lose
 
 
 def test_compact_copy_round_trips_bit_for_bit(data_dir):

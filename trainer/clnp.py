@@ -143,6 +143,7 @@ class TaskOutcome:
     seconds: float = 0.0
     prune_steps: int = 0  # pruning steps the schedule tried
     phase_seconds: dict[str, float] = field(default_factory=dict)  # "train", "prune", "fine-tune", "reuse" -> wall s
+    phase_validation: dict[str, float] = field(default_factory=dict)  # the same phases -> validation % at their end
 
 
 def new_owners(net: MaskedNetwork) -> list[torch.Tensor]:
@@ -197,6 +198,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     phases = {"train": time.perf_counter() - t0}
     t_phase = time.perf_counter()
     dense_acc = accuracy(net, data.x_val, data.y_val, task, all_on)
+    phase_acc = {"train": dense_acc}
     teacher = tr.logits(data.x_train, all_on) if config.distill > 0 else None
 
     # ---- 3. prune with graceful forgetting --------------------------------------------------------
@@ -216,6 +218,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     _zero_free_connections(net, owners, task)
     pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
     phases["prune"] = time.perf_counter() - t_phase
+    phase_acc["prune"] = pruned_acc
     t_phase = time.perf_counter()
     logger.info("task %d: dense %.2f%%, pruned %.2f%% after %d step(s), kept %s", task, dense_acc, pruned_acc,
                 result.steps, [int((o == task).sum()) for o in owners])
@@ -233,6 +236,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
             pruned_acc = tuned_acc
 
     phases["fine-tune"] = time.perf_counter() - t_phase
+    phase_acc["fine-tune"] = pruned_acc  # the better of pruned and fine-tuned
     t_phase = time.perf_counter()
 
     # ---- 5. prune task t's connections from earlier units (the reuse measure) -----------------
@@ -242,6 +246,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
 
     phases["reuse"] = time.perf_counter() - t_phase
+    phase_acc["reuse"] = pruned_acc
     reused = reuse_counts(net, owners, task)  # where the network is (the owners follow it there)
     owners = [o.cpu() for o in owners]
     outcome = TaskOutcome(
@@ -256,6 +261,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         seconds=time.perf_counter() - t0,
         prune_steps=result.steps,
         phase_seconds=phases,
+        phase_validation=phase_acc,
     )
     return owners, outcome
 

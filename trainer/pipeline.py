@@ -244,6 +244,7 @@ def add_task(
                 "connections_pruned": {k: round(v, 4) for k, v in outcome.connections_pruned.items()},
                 "epoch_seconds": [round(s, 2) for s in outcome.epoch_seconds],
                 "phase_seconds": {k: round(v, 2) for k, v in outcome.phase_seconds.items()},
+                "phase_validation_accuracy": {k: round(v, 4) for k, v in outcome.phase_validation.items()},
                 "seconds": round(outcome.seconds, 2),
             },
         )
