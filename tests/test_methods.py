@@ -90,3 +90,64 @@ def test_unknown_method_names_are_refused():
     with pytest.raises(ConfigError, match="preset"):
         preset("fastest")
     assert set(SCHEDULES) == {"one-shot", "iterative"} and {"activity", "taylor", "magnitude"} <= set(SCORES)
+
+
+def _two_task_net():
+    """A 2-layer MLP where task 0 owns some units, the rest are FREE, and task 1's head is added."""
+    torch.manual_seed(0)
+    net = MaskedNetwork(parse_network_spec("mlp:20-12-10"))
+    for _ in range(2):
+        net.add_head(3, torch.ones(20), torch.zeros(20))
+    owners = [torch.tensor([0, FREE, 0, FREE, FREE, 0, FREE, 0, FREE, FREE, 0, FREE]),
+              torch.tensor([FREE, 0, 0, FREE, 0, FREE, FREE, 0, FREE, FREE])]
+    with torch.no_grad():  # as CLNP leaves it: no connection from a FREE unit into an owned unit
+        w = net.weights[1]
+        w[(owners[1] == 0).nonzero().reshape(-1, 1), (owners[0] == FREE).nonzero().reshape(1, -1)] = 0
+    return net, owners
+
+
+def test_still_rows_outside_autograd_give_the_same_gradients():
+    """run_epochs computes earlier tasks' rows without autograd; logits and every gradient match the plain pass."""
+    from trainer.training import TaskTrainer, frozen_split, split_hidden
+
+    net, owners = _two_task_net()
+    kept = [o.clone() for o in owners]  # task 1 after pruning: it keeps some of the FREE units
+    kept[0][[1, 4, 8]] = 1
+    kept[1][[0, 6]] = 1
+    with torch.no_grad():  # and the units it let go hold nothing, as after pruning
+        for i, o in enumerate(kept):
+            net.weights[i][o == FREE] = 0
+    learning = TaskTrainer(net, owners, 1, 0, 8).free_unit_parameters()  # moving: the FREE units
+    tuning = TaskTrainer(net, kept, 1, 0, 8).own_unit_parameters()  # moving: task 1's units
+    for (params, masks), moving in ((learning, [7, 6]), (tuning, [3, 2])):
+        split = frozen_split(net, 1, params, masks)
+        assert split is not None and [len(s.moving) for s in split] == moving
+        x = torch.rand(8, 20) * 3
+        drop = [torch.bernoulli(torch.full((8, len(o)), 0.8)) for o in owners]  # per-row dropout masks
+        grads = []
+        for hidden in (net.hidden, lambda h, m: split_hidden(net, h, m, split)):
+            for p in params:
+                p.grad = None
+            acts = hidden(net.preprocess(x, 1), drop)
+            logits = net.features(acts) @ net.head_weights[1].T + net.head_biases[1]
+            torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])).backward()
+            grads.append(([p.grad * (1 if m is None else m) for p, m in zip(params, masks)], logits.detach()))
+        (plain, plain_logits), (fast, fast_logits) = grads
+        torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-6, atol=1e-6)
+        for a, b in zip(fast, plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert any(torch.count_nonzero(g) for g in fast)
+
+
+def test_still_rows_fed_by_moving_units_take_the_plain_pass():
+    from trainer.training import TaskTrainer, frozen_split
+
+    net, owners = _two_task_net()
+    with torch.no_grad():
+        net.weights[1][1, 1] = 0.5  # owned unit 1 of layer 2 reads FREE unit 1 of layer 1
+    params, masks = TaskTrainer(net, owners, 1, 0, 8).free_unit_parameters()
+    assert frozen_split(net, 1, params, masks) is None
+    conv = MaskedNetwork(parse_network_spec("cnn:1x8x8-c2-d4"))
+    conv.add_head(2, torch.ones(1, 8, 8), torch.zeros(1, 8, 8))
+    params, masks = TaskTrainer(conv, new_owners(conv), 0, 0, 4).free_unit_parameters()
+    assert frozen_split(conv, 0, params, masks) is None

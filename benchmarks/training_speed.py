@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""How much a training step saves by computing earlier tasks' rows outside autograd.
+
+Builds `mlp:784-2000-2000` with a share of each layer owned by an earlier task (the rest FREE, as when a later
+task is learned), and times training steps (forward, cross-entropy, backward; batch 256, dropout masks) of
+the task's FREE units two ways, interleaved in the same run: the plain masked forward (`MaskedNetwork.hidden`)
+and the split one that `TaskTrainer.run_epochs` uses (`trainer.training.split_hidden`).
+
+    python benchmarks/training_speed.py --owned 0.5 --steps 30
+
+Prints one JSON line per owned share: median seconds per step of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from serving.contract import FREE  # noqa: E402
+from trainer.clnp import new_owners  # noqa: E402
+from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
+from trainer.training import TaskTrainer, frozen_split, split_hidden  # noqa: E402
+
+
+def measure(owned: float, steps: int, network: str, batch: int) -> dict:
+    torch.manual_seed(0)
+    net = MaskedNetwork(parse_network_spec(network))
+    shape = net.spec.input_shape
+    for _ in range(2):
+        net.add_head(10, torch.ones(shape), torch.zeros(shape))
+    owners = new_owners(net)
+    for o in owners:
+        o[: int(owned * len(o))] = 0  # task 0 owns the first share of each layer
+    with torch.no_grad():  # no connection from a FREE unit into an owned one
+        for i in range(1, len(owners)):
+            rows, cols = (owners[i] == 0).nonzero().reshape(-1, 1), (owners[i - 1] == FREE).nonzero().reshape(1, -1)
+            net.weights[i][rows, cols] = 0
+    params, grad_masks = TaskTrainer(net, owners, 1, 0, batch).free_unit_parameters()
+    split = frozen_split(net, 1, params, grad_masks)
+    x = torch.rand(batch, *shape) * 255
+    y = torch.randint(0, 10, (batch,))
+    masks = [torch.bernoulli(torch.full((batch, len(o)), 0.8)) / 0.8 for o in owners]
+
+    def step(hidden) -> float:
+        t0 = time.perf_counter()
+        for p in params:
+            p.grad = None
+        acts = hidden(net.preprocess(x, 1), masks)
+        F.cross_entropy(net.features(acts) @ net.head_weights[1].T + net.head_biases[1], y).backward()
+        return time.perf_counter() - t0
+
+    ways = {"plain": net.hidden, "split": (lambda h, m: split_hidden(net, h, m, split)) if split else net.hidden}
+    times = {k: [] for k in ways}
+    for _ in range(steps):
+        for k, hidden in ways.items():
+            times[k].append(step(hidden))
+    plain, fast = statistics.median(times["plain"]), statistics.median(times["split"])
+    return {"network": network, "owned_share": owned, "batch": batch, "steps": steps,
+            "plain_s_per_step": round(plain, 4), "split_s_per_step": round(fast, 4), "speedup": round(plain / fast, 2),
+            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--owned", type=float, action="append", help="share of each layer an earlier task owns (repeatable)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--network", default="mlp:784-2000-2000")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for owned in args.owned or [0.25, 0.5, 0.75]:
+        print(json.dumps(measure(owned, args.steps, args.network, args.batch)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
