@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from benchmarks.tasks import load_task  # noqa: E402
 from serving.contract import FREE  # noqa: E402
-from trainer.clnp import SCORES, new_owners, preset, task_masks  # noqa: E402
+from trainer.clnp import SCORES, new_owners, preset, task_masks, zero_free_connections  # noqa: E402
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
 from trainer.pruning import PruneContext, restore, schedule_for  # noqa: E402
 from trainer.training import TaskTrainer, accuracy, train_compact  # noqa: E402
@@ -94,16 +94,7 @@ def pruned_state(cache: Path, preset_name: str, network: str, data_dir, seed: in
     result = schedule(ctx, SCORES[cfg.score], dense_val, cfg.max_drop)
     for i in range(len(owners)):
         owners[i][free[i] & result.keep[i]] = 0
-    with torch.no_grad():  # as learn_task's _zero_free_connections: pruned units are cut out
-        for i, o in enumerate(owners):
-            gone = o == FREE
-            net.weights[i][gone] = 0
-            net.biases[i][gone] = 0
-            if i + 1 < len(owners):
-                w = net.weights[i + 1].reshape(net.weights[i + 1].shape[0], len(o), -1)
-                w[:, gone] = 0
-        hw = net.head_weights[0].reshape(net.head_weights[0].shape[0], len(owners[-1]), -1)
-        hw[:, owners[-1] == FREE] = 0
+    zero_free_connections(net, owners, 0)  # pruned units are cut out, as learn_task does
     meta = {"dense_validation": dense_val, "dense_test": dense_test, "units": [int((o == 0).sum()) for o in owners],
             "max_drop": cfg.max_drop, "prune_steps": result.steps, "seconds": round(time.perf_counter() - t0, 1)}
     cache.mkdir(parents=True, exist_ok=True)

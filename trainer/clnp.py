@@ -215,7 +215,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}
     for i in range(len(owners)):
         owners[i][free[i] & result.keep[i]] = task
-    _zero_free_connections(net, owners, task)
+    zero_free_connections(net, owners, task)
     pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
     phases["prune"] = time.perf_counter() - t_phase
     phase_acc["prune"] = pruned_acc
@@ -279,7 +279,7 @@ def _consumers(net: MaskedNetwork, owners: list[torch.Tensor], task: int):
 
 
 @torch.no_grad()
-def _zero_free_connections(net: MaskedNetwork, owners: list[torch.Tensor], task: int) -> None:
+def zero_free_connections(net: MaskedNetwork, owners: list[torch.Tensor], task: int) -> None:
     """Zero the incoming rows and biases of FREE units and every connection out of them."""
     for i, (o, (consumer, _)) in enumerate(zip(owners, _consumers(net, owners, task))):
         free = o == FREE

@@ -255,8 +255,8 @@ def frozen_split(net: MaskedNetwork, task: int, params: list[torch.Tensor],
             out.append(LayerSplit(moving, still, net.weights[i][still].detach().clone(),
                                   net.biases[i][still].detach().clone()))
             previous_moving = moving
-    still = sum(len(s.still) for s in out) / sum(len(s.still) + len(s.moving) for s in out)
-    if still < SPLIT_MIN_STILL or any(len(s.moving) == 0 for s in out):
+    still_share = sum(len(s.still) for s in out) / sum(len(s.still) + len(s.moving) for s in out)
+    if still_share < SPLIT_MIN_STILL or any(len(s.moving) == 0 for s in out):
         return None  # too little to skip to pay for the split, or a layer that would take no part in autograd
     return out
 
