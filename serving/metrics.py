@@ -73,8 +73,8 @@ class _CapacityCollector(Collector):
         tasks = GaugeMetricFamily("clnp_tasks_served", "Tasks in the served version")
         forecast = GaugeMetricFamily(
             "clnp_forecast_additional_tasks",
-            "How many more tasks like the recent ones fit in the served version (+Inf: unbounded; absent before the "
-            "first task)")
+            "How many more tasks fit in the served version, by the trend of new units per task (+Inf: unbounded; "
+            "absent before the first task)")
         if report is not None:
             for layer in report.layers:
                 total.add_metric([layer.name], layer.total)

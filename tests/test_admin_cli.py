@@ -44,7 +44,7 @@ def test_capacity_text_is_format_capacity_of_the_served_version(live):
     manifest = ModelRepository.open(repo).read_manifest(2)
     assert result.stdout.rstrip("\n") == format_capacity(capacity_report(manifest))
     assert "FREE" in result.stdout and "digits" in result.stdout and "fashion" in result.stdout
-    assert "more tasks like the recent ones that fit" in result.stdout
+    assert "more tasks that fit (forecast)" in result.stdout
 
 
 def test_capacity_json(live):
