@@ -147,17 +147,15 @@ def forecast_additional_tasks(layer_units: dict[str, int], free: dict[str, int],
         count += 1
     else:
         return math.inf, f"the {n} tasks so far took so few units that more than {_FORECAST_LIMIT} fit"
+    nxt = ", ".join(f"{name} {need(name, n + 1):.0f}" for name in trends)
+    tail = f"so the next takes {nxt}; {limit} runs out first ({free[limit]} free)"
+    if n < TREND_MIN_TASKS:
+        return float(count), f"assuming each new task takes the mean new units of the {n} so far, {tail}"
     if all(b == 0.0 for _, b in trends.values()):
-        rule = (f"each new task takes as many new units as the {n} so far did on average" if n < TREND_MIN_TASKS
-                else f"each new task takes as many new units as the {n} so far did (no decline measured)")
-    else:
-        rule = (f"new tasks keep taking fewer new units the way the {n} so far did "
-                f"(the k-th task about a·k^-b - 1)")
-    per_layer = ", ".join(
-        f"{name} {need(name, n + 1):.0f}" + (f" (a {a:.0f}, b {b:.2f})" if b else "")
-        for name, (a, b) in trends.items())
-    return float(count), (f"if {rule}: the next task takes {per_layer}; "
-                          f"{limit} runs out first ({free[limit]} free)")
+        return float(count), f"assuming new tasks take as many new units as the {n} so far (no decline in them), {tail}"
+    law = ", ".join(f"{name} a={a:.0f} b={b:.2f}" for name, (a, b) in trends.items())
+    return float(count), (f"assuming new tasks follow the decline of the {n} so far, about a·k^-b - 1 new units for the "
+                          f"k-th task ({law}), {tail}")
 
 
 def format_capacity(report: CapacityReport) -> str:
@@ -178,7 +176,7 @@ def format_capacity(report: CapacityReport) -> str:
     lines.append("")
     est = report.estimated_additional_tasks
     est_text = "unknown" if est is None else ("unbounded" if math.isinf(est) else str(int(est)))
-    lines.append(f"more tasks that fit (forecast): {est_text} ({report.estimate_basis})")
+    lines.append(f"more tasks that fit (forecast): {est_text}; {report.estimate_basis}")
     return "\n".join(lines)
 
 
