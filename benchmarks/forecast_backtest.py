@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving.capacity import forecast_additional_tasks, unit_trend  # noqa: E402
+from serving.capacity import forecast_additional_tasks, trend_units, unit_trend  # noqa: E402
 
 RECENT = 3
 
@@ -54,8 +54,7 @@ def trend_need(owned: list[dict[str, int]], k: int) -> dict[str, float]:
     for name in owned[0]:
         units = [o[name] for o in owned]
         if any(units):
-            a, b = unit_trend(units)
-            out[name] = max(a * k ** -b - 1.0, 1.0)
+            out[name] = trend_units(*unit_trend(units), k)
         else:
             out[name] = 0.0
     return out
@@ -139,7 +138,7 @@ def main() -> int:
         if args.out.exists() and not args.force:
             print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
             return 2
-        args.out.write_text(text)
+        args.out.write_text(text + "\n")
     else:
         print(text)
     return 0

@@ -110,6 +110,11 @@ def unit_trend(units: list[int]) -> tuple[float, float]:
     return math.exp(my + b * mx), b
 
 
+def trend_units(a: float, b: float, k: int) -> float:
+    """New units of a layer the k-th task is expected to take under the trend (a, b): at least one."""
+    return max(a * k ** -b - 1.0, 1.0)
+
+
 def forecast_additional_tasks(layer_units: dict[str, int], free: dict[str, int], owned_per_task: list[dict[str, int]],
                               task_names: list[str] | None = None) -> tuple[float, str]:
     """How many more tasks fit, and the assumption it rests on, in words.
@@ -131,8 +136,7 @@ def forecast_additional_tasks(layer_units: dict[str, int], free: dict[str, int],
         return math.inf, f"the {n} task(s) so far took no new unit in any layer"
 
     def need(name: str, k: int) -> float:
-        a, b = trends[name]
-        return max(a * k ** -b - 1.0, 1.0)
+        return trend_units(*trends[name], k)
 
     left = {name: float(free[name]) for name in trends}
     count, limit = 0, None
