@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.sequence import RunRecord
+from serving.capacity import forecast_additional_tasks
 
 PAPER = {"CLNP": 98.42, "CLNP std": 0.04, "single-task": 98.48}  # permuted MNIST, 10 tasks, 784-2000-2000
 REPORT_SCHEMA_VERSION = 1
@@ -98,6 +99,12 @@ def forecast_check(r: RunRecord, after: int = 10) -> dict | None:
     observed = min(r.tasks[after - 1].free_after[n] / per_task[n] for n in layers if per_task[n] > 0) \
         if any(per_task[n] > 0 for n in layers) else float("inf")
     exhausted = r.capacity_exhausted_at
+    # the forecast as the product makes it now (its rule may have changed since the run), from the same tasks and
+    # from all of them
+    totals = {n: r.tasks[0].free_after[n] + r.tasks[0].units_kept[n] for n in layers}
+    owned = [{n: t.units_kept[n] for n in layers} for t in r.tasks]
+    now, now_basis = forecast_additional_tasks(totals, dict(r.tasks[after - 1].free_after), owned[:after])
+    at_end, _ = forecast_additional_tasks(totals, dict(r.tasks[-1].free_after), owned)
     return {
         "after_task": after, "forecast_additional_tasks": f.get("additional_tasks"), "basis": f.get("basis"),
         "tasks_run_after": len(later), "capacity_exhausted_at_task": exhausted,
@@ -105,6 +112,7 @@ def forecast_check(r: RunRecord, after: int = 10) -> dict | None:
         "observed_new_units_per_task": per_task,
         "additional_tasks_at_observed_rate": observed,
         "free_after_last": r.tasks[-1].free_after,
+        "current_rule_forecast": now, "current_rule_basis": now_basis, "current_rule_forecast_at_end": at_end,
     }
 
 
@@ -187,6 +195,12 @@ def markdown(res: dict, plots: list[str]) -> str:
               f"- At that observed rate, {fc['additional_tasks_at_observed_rate']:.0f} tasks fit after task "
               f"{fc['after_task']}" + (f"; capacity ran out at task {fc['capacity_exhausted_at_task'] + 1}."
                                        if fc["capacity_exhausted_at_task"] is not None else ".")]
+        if fc.get("current_rule_forecast") is not None:
+            L += [f"- The forecast as `clnp-train capacity` makes it now, from the same {fc['after_task']} tasks: "
+                  f"{fc['current_rule_forecast']:.0f} more ({fc['current_rule_basis']}). From all "
+                  f"{fc['after_task'] + fc['tasks_run_after']} tasks it says {fc['current_rule_forecast_at_end']:.0f} "
+                  f"more, so about {fc['tasks_run_after'] + fc['current_rule_forecast_at_end']:.0f} after task "
+                  f"{fc['after_task']} in all (until a run fills the network, that total is itself a forecast)."]
     L += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(L) + "\n"
 

@@ -101,3 +101,20 @@ def test_resume_on_another_machine_recomputes_the_probes(tmp_path, data_dir):
     again = _run(out, 3, data_dir)
     assert len(again.notes) == 1
     assert [z["identical"] for z in again.zero_forgetting if z["after_task"] == 2] == [False, True]
+
+
+def test_forecast_check_replays_the_current_rule_on_a_recorded_run():
+    """The lifetime run's record: the forecast it recorded after task 10, and the current rule from the same tasks."""
+    from benchmarks.sequence_report import forecast_check
+    from serving.capacity import forecast_additional_tasks
+
+    path = REPO_ROOT / "benchmarks/results/sequence/runs/clnp-lifetime-30-md08-s0/run.json"
+    raw = json.loads(path.read_text())
+    fc = forecast_check(seq.RunRecord.from_dict(raw))
+    assert fc["forecast_additional_tasks"] == raw["tasks"][9]["forecast_after"]["additional_tasks"]
+    first10 = [{n: t["units_kept"][n] for n in ("layer1", "layer2")} for t in raw["tasks"][:10]]
+    free10 = raw["tasks"][9]["free_after"]
+    assert free10["layer1"] == 2000 - sum(u["layer1"] for u in first10)
+    expected, _ = forecast_additional_tasks({"layer1": 2000, "layer2": 2000}, free10, first10)
+    assert fc["current_rule_forecast"] == expected
+    assert fc["tasks_run_after"] == 20 and fc["free_after_last"] == raw["tasks"][-1]["free_after"]
