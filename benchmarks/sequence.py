@@ -101,6 +101,8 @@ class RunRecord:
             raise SystemExit(f"error: run record schema {d.get('schema_version')} is not {SCHEMA_VERSION}")
         d = dict(d)
         d["tasks"] = [TaskResult(**t) for t in d.get("tasks", [])]
+        # A setting added after the run was recorded defaults to what the code did before it existed.
+        d["config"] = {f.name: f.default for f in fields(CLNPConfig)} | d.get("config", {})
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""How much a training step saves by computing earlier tasks' rows outside autograd.
+"""How much a training step saves by computing earlier tasks' rows outside autograd, and by bfloat16.
 
 Builds `mlp:784-2000-2000` with a share of each layer owned by an earlier task (the rest FREE, as when a later
 task is learned), and times training steps (forward, cross-entropy, backward; batch 256, dropout masks) of
-the task's FREE units two ways, interleaved in the same run: the plain masked forward (`MaskedNetwork.hidden`)
-and the split one that `TaskTrainer.run_epochs` uses (`trainer.training.split_hidden`).
+the task's FREE units three ways, interleaved in the same run: the plain masked forward (`MaskedNetwork.hidden`),
+the one `TaskTrainer.run_epochs` uses (`trainer.training.split_hidden` from 30% owned), and that one under
+bfloat16 autocast (`precision="bf16"`).
 
     python benchmarks/training_speed.py --owned 0.5 --steps 30
 
-Prints one JSON line per owned share: median seconds per step of each and their ratio.
+Prints one JSON line per owned share: median seconds per step of each and the ratios.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from serving.contract import FREE  # noqa: E402
 from trainer.clnp import new_owners  # noqa: E402
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
-from trainer.training import TaskTrainer, frozen_split, split_hidden  # noqa: E402
+from trainer.training import TaskTrainer, frozen_split, split_hidden, step_precision  # noqa: E402
 
 
 def measure(owned: float, steps: int, network: str, batch: int) -> dict:
@@ -51,22 +52,26 @@ def measure(owned: float, steps: int, network: str, batch: int) -> dict:
     y = torch.randint(0, 10, (batch,))
     masks = [torch.bernoulli(torch.full((batch, len(o)), 0.8)) / 0.8 for o in owners]
 
-    def step(hidden) -> float:
+    def step(hidden, precision) -> float:
         t0 = time.perf_counter()
         for p in params:
             p.grad = None
-        acts = hidden(net.preprocess(x, 1), masks)
-        F.cross_entropy(net.features(acts) @ net.head_weights[1].T + net.head_biases[1], y).backward()
+        with step_precision(x.device, precision):
+            acts = hidden(net.preprocess(x, 1), masks)
+            loss = F.cross_entropy(net.features(acts) @ net.head_weights[1].T + net.head_biases[1], y)
+        loss.backward()
         return time.perf_counter() - t0
 
-    ways = {"plain": net.hidden, "split": (lambda h, m: split_hidden(net, h, m, split)) if split else net.hidden}
+    used = (lambda h, m: split_hidden(net, h, m, split)) if split else net.hidden  # what run_epochs uses
+    ways = {"plain": (net.hidden, "fp32"), "split": (used, "fp32"), "bf16": (used, "bf16")}
     times = {k: [] for k in ways}
     for _ in range(steps):
-        for k, hidden in ways.items():
-            times[k].append(step(hidden))
-    plain, fast = statistics.median(times["plain"]), statistics.median(times["split"])
+        for k, (hidden, precision) in ways.items():
+            times[k].append(step(hidden, precision))
+    plain, fast, bf16 = (statistics.median(times[k]) for k in ("plain", "split", "bf16"))
     return {"network": network, "owned_share": owned, "batch": batch, "steps": steps,
             "plain_s_per_step": round(plain, 4), "split_s_per_step": round(fast, 4), "speedup": round(plain / fast, 2),
+            "bf16_s_per_step": round(bf16, 4), "bf16_speedup": round(fast / bf16, 2),
             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
 
 

@@ -55,6 +55,23 @@ def test_other_settings_are_refused(tmp_path, data_dir):
         _run(tmp_path / "r", 2, data_dir, "max_drop=0.9")
 
 
+def test_a_record_from_before_a_new_setting_resumes(tmp_path, data_dir):
+    """A run recorded before `precision` existed ran as its default (fp32) does; it resumes, and bf16 is refused."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "r"
+    _run(out, 1, data_dir)
+    state = out / "state.safetensors"
+    record = json.loads((out / "run.json").read_text())
+    del record["config"]["precision"]
+    save_file(load_file(str(state)), str(state), metadata={"record": json.dumps(record)})
+    (out / "run.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="other settings"):
+        _run(out, 2, data_dir, "precision=bf16")
+    resumed = _run(out, 2, data_dir)
+    assert len(resumed.tasks) == 2 and resumed.config["precision"] == "fp32"
+
+
 def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     _run(tmp_path / "c0", 2, data_dir, "--seed", "0")
     _run(tmp_path / "c1", 1, data_dir, "--seed", "1")

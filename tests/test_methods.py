@@ -23,7 +23,7 @@ NETWORK = "mlp:784-64-64"
 FAST = dict(epochs=2, batch_size=64, learning_rate=0.002, recovery_epochs=2.0, max_prune_steps=6, max_drop=1.0)
 METHODS = [(name, {}) for name in sorted(PRESETS)] + [
     ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
-    ("reference", {"schedule": "iterative"})]
+    ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"})]
 
 
 @pytest.mark.parametrize("name,overrides", METHODS, ids=[f"{n}-{'-'.join(o.values()) or 'as-is'}" for n, o in METHODS])
@@ -90,6 +90,54 @@ def test_unknown_method_names_are_refused():
     with pytest.raises(ConfigError, match="preset"):
         preset("fastest")
     assert set(SCHEDULES) == {"one-shot", "iterative"} and {"activity", "taylor", "magnitude"} <= set(SCORES)
+    with pytest.raises(ConfigError, match="precision 'fp16'"):
+        preset("default", precision="fp16")
+
+
+@pytest.mark.parametrize("spec", ["mlp:20-12-10", "cnn:1x8x8-c4-d6"])
+def test_bf16_steps_compute_in_bfloat16_and_hold_earlier_rows(spec):
+    """precision=bf16 changes the arithmetic of the steps (not the parameters' dtype) and moves only FREE rows."""
+    from trainer.training import EpochPlan, TaskTrainer
+
+    torch.manual_seed(0)
+    base = MaskedNetwork(parse_network_spec(spec))
+    shape = base.spec.input_shape
+    for _ in range(2):
+        base.add_head(3, torch.ones(shape), torch.zeros(shape))
+    owners = new_owners(base)
+    for o in owners:
+        o[: len(o) // 2] = 0  # task 0 owns half of each layer
+    with torch.no_grad():
+        for i in range(1, len(owners)):  # no connection from a FREE unit into an owned one
+            w = base.weights[i].view(base.weights[i].shape[0], len(owners[i - 1]), -1)
+            w[(owners[i] == 0).nonzero().reshape(-1, 1), (owners[i - 1] == FREE).nonzero().reshape(1, -1)] = 0
+    x, y = torch.rand(64, *shape) * 255, torch.randint(0, 3, (64,))
+    ones = [torch.ones(len(o)) for o in owners]
+    seen_dtypes, results = set(), {}
+    for precision in ("fp32", "bf16"):
+        net = MaskedNetwork.from_state(base.spec, {k: v.clone() for k, v in base.state_tensors().items()}, 2)
+        trainer = TaskTrainer(net, owners, 1, 0, 16)
+        params, grad_masks = trainer.free_unit_parameters()
+        real_matmul = torch.Tensor.__matmul__
+
+        def spy(a, b):
+            out = real_matmul(a, b)
+            if precision == "bf16":
+                seen_dtypes.add(out.dtype)
+            return out
+
+        torch.Tensor.__matmul__ = spy
+        try:
+            trainer.run_epochs(x, y, EpochPlan(2, 0.01, precision=precision), params, grad_masks, ones)
+        finally:
+            torch.Tensor.__matmul__ = real_matmul
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        for i, o in enumerate(owners):  # earlier rows bit-identical, FREE rows trained
+            assert torch.equal(net.weights[i][o == 0], base.weights[i][o == 0])
+            assert not torch.equal(net.weights[i][o == FREE], base.weights[i][o == FREE])
+        results[precision] = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert torch.bfloat16 in seen_dtypes  # the products really ran in bfloat16
+    assert not torch.equal(results["fp32"], results["bf16"])
 
 
 def _two_task_net():

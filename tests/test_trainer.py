@@ -440,3 +440,16 @@ def test_unwritable_repository_is_one_line_before_any_training(tmp_path, data_di
     assert len(lines) == 1 and lines[0].startswith("error: cannot write to the model repository"), proc.stderr
     assert "Permission denied" in lines[0] and "--user" in lines[0]
     assert (not repo.exists()) or list(repo.iterdir()) == []  # nothing written, nothing half-published
+
+
+def test_add_task_precision_option(tmp_path, data_dir):
+    """--precision bf16 reaches the trainer and the version's training record; an unknown one changes nothing."""
+    root = tmp_path / "repo"
+    args = ["add-task", "-r", str(root), "-t", "a", "-d", "permuted-mnist:2", "--network", "mlp:784-32-32",
+            "--epochs", "1", "--finetune-epochs", "0", "--limit", "500", "--data-dir", str(data_dir), "--json"]
+    bad = CliRunner().invoke(cli, args + ["--precision", "fp16"])
+    assert bad.exit_code == 2 and "fp16" in bad.output and not root.exists()
+    res = CliRunner().invoke(cli, args + ["--precision", "bf16"])
+    assert res.exit_code == 0, res.output
+    record = ModelRepository.open(root).read_manifest(1).tasks[0]
+    assert record.training["config"]["precision"] == "bf16"

@@ -146,6 +146,10 @@ def cli(verbose: bool) -> None:
 @click.option("--reuse-max-drop", type=click.FloatRange(min=0, max=100), default=None,
               help=f"Accuracy points the connection pruning behind the reuse measure may cost "
                    f"[default: {_DEFAULTS.reuse_max_drop}].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help=f"Arithmetic of the training steps: bf16 runs matrix products in bfloat16 under torch.autocast "
+                   f"(weights, gradients and evaluations stay float32; about 2x faster where the CPU has bfloat16 "
+                   f"dot products) [default: {_DEFAULTS.precision}].")
 @click.option("--no-connection-pruning", is_flag=True,
               help="Skip pruning the task's connections from earlier units (then 'reused' counts every "
                    "earlier unit connected at all).")
@@ -165,7 +169,7 @@ def cli(verbose: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha, distill,
                  learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-                 no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress):
+                 precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
     The first call creates the repository and the network. Every earlier task is checked to be
@@ -185,16 +189,16 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha,
                   distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-                  no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress,
-                  quiet=world is not None and not world.is_main)
+                  precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json,
+                  progress, quiet=world is not None and not world.is_main)
     finally:
         distributed.shutdown()
 
 
 def _add_task(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha, distill,
               learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-              no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress,
-              quiet):
+              precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json,
+              progress, quiet):
     from trainer.clnp import preset as make_config
     from trainer.pipeline import add_task
 
@@ -203,7 +207,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, score
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, distill=distill,
         recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, reuse_max_drop=reuse_max_drop,
-        prune_connections=False if no_connection_pruning else None, seed=seed))
+        precision=precision, prune_connections=False if no_connection_pruning else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress
     result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,
                                    data_dir=data_dir, label_column=label_column, retention=retention,

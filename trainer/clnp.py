@@ -32,7 +32,7 @@ import torch
 from serving.contract import FREE, visible_to
 from trainer.network import MaskedNetwork
 from trainer.pruning import SCHEDULES, SCORES, PruneContext, restore, schedule_for
-from trainer.training import LR_SCHEDULES, EpochPlan, TaskTrainer, accuracy, train_compact
+from trainer.training import LR_SCHEDULES, PRECISIONS, EpochPlan, TaskTrainer, accuracy, train_compact
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class CLNPConfig:
     prune_connections: bool = True  # prune task connections from earlier units by magnitude (reuse measure)
     reuse_max_drop: float = 0.1  # accuracy points that connection pruning may cost, from the fine-tuned accuracy
     activity_samples: int = 10000  # training samples a unit score looks at
+    precision: str = "fp32"  # training steps' arithmetic: "fp32" or "bf16" (trainer.training.PRECISIONS)
     seed: int = 0  # seeds initialisation, data order and dropout
 
     def __post_init__(self) -> None:
@@ -83,6 +84,8 @@ class CLNPConfig:
         for value in (self.lr_schedule, self.finetune_lr_schedule):
             if value not in LR_SCHEDULES:
                 raise ConfigError(f"unknown learning-rate schedule {value!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if not 0 <= self.distill <= 1:
@@ -91,16 +94,17 @@ class CLNPConfig:
             raise ConfigError("prune fractions must satisfy 0 < min_prune_fraction <= prune_fraction < 1")
 
     def dense_plan(self) -> EpochPlan:
-        return EpochPlan(self.epochs, self.learning_rate, self.lr_schedule, self.lr_decay, self.dropout, self.alpha)
+        return EpochPlan(self.epochs, self.learning_rate, self.lr_schedule, self.lr_decay, self.dropout, self.alpha,
+                         precision=self.precision)
 
     def recovery_plan(self) -> EpochPlan:
         return EpochPlan(self.recovery_epochs, self.recovery_lr, "constant", dropout=self.dropout,
                          distill=self.distill, temperature=self.distill_temperature,
-                         check_every=0.25 if self.recovery_early_stop else 0.0)
+                         check_every=0.25 if self.recovery_early_stop else 0.0, precision=self.precision)
 
     def finetune_plan(self) -> EpochPlan:
         return EpochPlan(self.finetune_epochs, self.finetune_lr, self.finetune_lr_schedule, self.lr_decay, self.dropout,
-                         distill=self.distill, temperature=self.distill_temperature)
+                         distill=self.distill, temperature=self.distill_temperature, precision=self.precision)
 
 
 # Named starting points; any option given next to a preset overrides it.

@@ -8,6 +8,7 @@ entry whose gradient is always zero stays bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -33,9 +34,22 @@ class EpochPlan:
     distill: float = 0.0  # weight of the distillation term (0: cross-entropy only)
     temperature: float = 2.0  # distillation temperature
     check_every: float = 0.0  # call `stop_when` every this many epochs (0: never)
+    precision: str = "fp32"  # arithmetic of the steps: "fp32", or "bf16" (see PRECISIONS)
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")
+# "bf16": the steps' forward and backward run under torch.autocast with bfloat16, which casts matrix products (and
+# convolutions) to bfloat16 and keeps reductions such as softmax and the losses in float32. Weights, gradients,
+# the optimizer's state and every evaluation stay float32, so the gradient masks and zero-forgetting are exact as
+# in fp32. Where the CPU has bfloat16 dot products (AVX512_BF16, AMX) the products run about twice as fast.
+PRECISIONS = ("fp32", "bf16")
+
+
+def step_precision(device: torch.device, precision: str):
+    """The context a training step's forward and loss run in."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def row_mask(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -173,18 +187,19 @@ class TaskTrainer:
                 step_masks = [m * torch.bernoulli(torch.full((len(idx), len(m)), keep), generator=self.dropout_generator)
                               .to(m.device) / keep if layer.kind == "dense" else m
                               for m, layer in zip(masks, net.spec.layers)]  # (B, units)
-            acts, logits = forward(xb, step_masks)
-            loss = F.cross_entropy(logits, yb)
-            if teacher is not None and plan.distill > 0:
-                T = plan.temperature
-                soft = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(teacher[idx] / T, dim=1),
-                                reduction="batchmean", log_target=True) * (T * T)
-                loss = (1.0 - plan.distill) * loss + plan.distill * soft
-            if penalty_units is not None and plan.alpha > 0:
-                for a, weight in zip(acts, penalty_units):
-                    loss = loss + plan.alpha * (unit_means(a) * weight).mean()  # mean over batch and units
-            if extra_loss is not None:
-                loss = loss + extra_loss()
+            with step_precision(x.device, plan.precision):
+                acts, logits = forward(xb, step_masks)
+                loss = F.cross_entropy(logits, yb)
+                if teacher is not None and plan.distill > 0:
+                    T = plan.temperature
+                    soft = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(teacher[idx] / T, dim=1),
+                                    reduction="batchmean", log_target=True) * (T * T)
+                    loss = (1.0 - plan.distill) * loss + plan.distill * soft
+                if penalty_units is not None and plan.alpha > 0:
+                    for a, weight in zip(acts, penalty_units):
+                        loss = loss + plan.alpha * (unit_means(a) * weight).mean()  # mean over batch and units
+                if extra_loss is not None:
+                    loss = loss + extra_loss()
             opt.zero_grad(set_to_none=False)
             loss.backward()  # data-parallel: the gradients are averaged over the ranks when this returns
             for p, m in zip(params, grad_masks):
