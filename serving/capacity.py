@@ -80,13 +80,12 @@ def capacity_report(manifest: Manifest) -> CapacityReport:
         return CapacityReport(manifest.version, layers, tasks, None, "no task learned yet")
     n, basis = forecast_additional_tasks(
         {l.name: l.units for l in manifest.layers}, {l.name: l.free for l in manifest.layers},
-        [{l.name: l.owned_by(t.index) for l in manifest.layers} for t in manifest.tasks],
-        [t.name for t in manifest.tasks])
+        [{l.name: l.owned_by(t.index) for l in manifest.layers} for t in manifest.tasks])
     return CapacityReport(manifest.version, layers, tasks, n, basis)
 
 
 TREND_MIN_TASKS = 5  # fewer tasks than this: no trend is fitted, each new task takes the mean of those so far
-TREND_MAX_DECLINE = 0.5  # cap on b in a·k^-b: no 10-task run has measured more; a steeper fit of a few tasks is noise
+TREND_MAX_DECLINE = 0.5  # cap on b in a·k^-b: the measured runs fit about 0.5 at most; a steeper fit of a few tasks is noise
 _FORECAST_LIMIT = 1_000_000  # more tasks than this counts as unbounded
 
 
@@ -115,17 +114,15 @@ def trend_units(a: float, b: float, k: int) -> float:
     return max(a * k ** -b - 1.0, 1.0)
 
 
-def forecast_additional_tasks(layer_units: dict[str, int], free: dict[str, int], owned_per_task: list[dict[str, int]],
-                              task_names: list[str] | None = None) -> tuple[float, str]:
+def forecast_additional_tasks(layer_units: dict[str, int], free: dict[str, int],
+                              owned_per_task: list[dict[str, int]]) -> tuple[float, str]:
     """How many more tasks fit, and the assumption it rests on, in words.
 
     Per layer, the new units every task so far took (units it owns; units it reuses cost nothing) are fitted
     as a trend over the task's position, `unit_trend`; the next tasks are assumed to follow it, taking at
     least one unit of a layer that earlier tasks took units of. A task fits while every layer still has the
     units it needs, so the tightest layer decides. math.inf when no task took a unit at all.
-    `task_names` is accepted for callers that name tasks; the basis speaks of task positions.
     """
-    del task_names
     n = len(owned_per_task)
     full = [name for name in layer_units if free[name] == 0]
     if full:
