@@ -161,20 +161,25 @@ def load_state(out: Path, spec_text: str):
 # ---- running ----------------------------------------------------------------------------------------
 
 
+def parse_settings(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE ...` as CLNPConfig overrides, each value parsed as its field's type."""
+    kinds = {f.name: f.type for f in fields(CLNPConfig)}
+    out = {}
+    for kv in pairs:
+        key, _, value = kv.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"error: --set {kv}: unknown option {key!r}")
+        out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes"), "str": str}[kinds[key]](value)
+    return out
+
+
 def run(args) -> RunRecord:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: this torch build sees no CUDA device; use --device cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for kv in args.set or []:
-        key, _, value = kv.partition("=")
-        kind = {f.name: f.type for f in fields(CLNPConfig)}.get(key)
-        if kind is None:
-            raise SystemExit(f"error: --set {kv}: unknown option {key!r}")
-        overrides[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes"), "str": str}[kind](value)
-    config = preset(args.preset, seed=args.seed, **overrides)
+    config = preset(args.preset, seed=args.seed, **parse_settings(args.set or []))
     fresh = RunRecord(SCHEMA_VERSION, args.method, args.preset, asdict(config), args.network, args.tasks, args.seed,
                       args.limit, machine(args.device))
     net, owners, probes = None, None, {}

@@ -135,3 +135,26 @@ def test_forecast_check_replays_the_current_rule_on_a_recorded_run():
     expected, _ = forecast_additional_tasks({"layer1": 2000, "layer2": 2000}, free10, first10)
     assert fc["current_rule_forecast"] == expected
     assert fc["tasks_run_after"] == 20 and fc["free_after_last"] == raw["tasks"][-1]["free_after"]
+
+
+def test_a_fork_learns_its_next_tasks_with_the_new_settings(tmp_path, data_dir):
+    """benchmarks/fork_run.py: the fork keeps the network and records, and resumes only with the new settings."""
+    from benchmarks.fork_run import fork
+
+    _run(tmp_path / "orig", 1, data_dir)
+    changed = fork(tmp_path / "orig", tmp_path / "fork", {"max_drop": 0.9, "finetune_epochs": 1})
+    assert changed == {"max_drop": 0.9, "finetune_epochs": 1}
+    with pytest.raises(SystemExit, match="other settings"):
+        _run(tmp_path / "fork", 2, data_dir)  # the original settings no longer match
+    forked = _run(tmp_path / "fork", 2, data_dir, "max_drop=0.9", "finetune_epochs=1")
+    original = json.loads((tmp_path / "orig" / "run.json").read_text())
+    assert _comparable(forked)["tasks"][0] == {k: v for k, v in original["tasks"][0].items()
+                                               if k not in ("seconds", "phase_seconds")}
+    assert forked.config["max_drop"] == 0.9 and len(forked.tasks) == 2
+    assert [(z["task"], z["identical"]) for z in forked.zero_forgetting] == [(0, True)]
+    assert any("forked from orig after task 1" in n for n in forked.notes)
+    with pytest.raises(SystemExit, match="exists"):
+        fork(tmp_path / "orig", tmp_path / "fork", {})
+    with pytest.raises(SystemExit, match="max_drop"):
+        fork(tmp_path / "orig", tmp_path / "bad", {"max_drop": -1.0})
+    assert not (tmp_path / "bad").exists()

@@ -92,6 +92,8 @@ def test_unknown_method_names_are_refused():
     assert set(SCHEDULES) == {"one-shot", "iterative"} and {"activity", "taylor", "magnitude"} <= set(SCORES)
     with pytest.raises(ConfigError, match="precision 'fp16'"):
         preset("default", precision="fp16")
+    with pytest.raises(ConfigError, match="max_drop -0.5"):
+        preset("default", max_drop=-0.5)
 
 
 @pytest.mark.parametrize("spec", ["mlp:20-12-10", "cnn:1x8x8-c4-d6"])

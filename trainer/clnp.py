@@ -86,6 +86,9 @@ class CLNPConfig:
                 raise ConfigError(f"unknown learning-rate schedule {value!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.max_drop < 0 or self.reuse_max_drop < 0:
+            raise ConfigError(f"max_drop {self.max_drop} and reuse_max_drop {self.reuse_max_drop} must be >= 0 "
+                              "(accuracy points the task may lose)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if not 0 <= self.distill <= 1:
