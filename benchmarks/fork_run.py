@@ -17,6 +17,7 @@ folders a report groups by settings (e.g. put them under benchmarks/results/sequ
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from trainer.clnp import CLNPConfig, ConfigError  # noqa: E402
 
 
 def fork(src: Path, dst: Path, overrides: dict) -> dict:
-    """Copy `src`'s state into `dst` with `overrides` applied to the settings of its preset; returns the new config."""
+    """Copy `src`'s state into `dst` with `overrides` applied to its settings; returns the settings that changed."""
     if not (src / "state.safetensors").is_file():
         raise SystemExit(f"error: {src} holds no CLNP run state (state.safetensors); give a `sequence.py run` folder")
     if dst.exists():
@@ -54,8 +55,6 @@ def fork(src: Path, dst: Path, overrides: dict) -> dict:
 
 
 def _network_of(folder: Path) -> str:
-    import json
-
     return json.loads((folder / "run.json").read_text())["network"]
 
 

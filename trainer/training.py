@@ -38,8 +38,9 @@ class EpochPlan:
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")
-# "bf16": the steps' forward and backward run under torch.autocast with bfloat16, which casts matrix products (and
-# convolutions) to bfloat16 and keeps reductions such as softmax and the losses in float32. Weights, gradients,
+# "bf16": each step's forward pass and loss run under torch.autocast with bfloat16, which casts matrix products (and
+# convolutions) to bfloat16 and keeps reductions such as softmax and the losses in float32; the backward pass follows
+# the forward's dtypes. Weights, gradients,
 # the optimizer's state and every evaluation stay float32, so the gradient masks and zero-forgetting are exact as
 # in fp32. Where the CPU has bfloat16 dot products (AVX512_BF16, AMX) the products run about twice as fast.
 PRECISIONS = ("fp32", "bf16")
