@@ -201,3 +201,53 @@ def test_still_rows_fed_by_moving_units_take_the_plain_pass():
     conv.add_head(2, torch.ones(1, 8, 8), torch.zeros(1, 8, 8))
     params, masks = TaskTrainer(conv, new_owners(conv), 0, 0, 4).free_unit_parameters()
     assert frozen_split(conv, 0, params, masks) is None
+
+
+def test_reuse_by_signal_counts_the_earlier_units_that_carry_the_signal_and_changes_nothing():
+    """Layer 1: units 0, 1 are task 0's, unit 2 is task 1's; on input (10, 1, 1) unit j's activation is x_j.
+
+    Task 1's layer-2 unit reads (1, 1, w): the signals are 10, 1 and w. With w = 0 the earlier units carry all
+    of it: both count at a 5% tail (dropping unit 1 would leave 1/11 = 9% uncounted), only unit 0 at 10%.
+    With w = 100 the task leans on its own unit, and unit 1's 1/111 falls under the 5% tail.
+    """
+    from trainer.clnp import reuse_by_signal, reuse_counts
+
+    net = MaskedNetwork(parse_network_spec("mlp:3-3-2"))
+    for _ in range(2):
+        net.add_head(2, torch.ones(3), torch.zeros(3))
+    owners = [torch.tensor([0, 0, 1]), torch.tensor([0, 1])]
+    x = torch.tensor([[10.0, 1.0, 1.0]])
+    with torch.no_grad():
+        net.weights[0].copy_(torch.eye(3))
+        net.biases[0].zero_()
+        net.weights[1].copy_(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]))
+    before = {k: v.clone() for k, v in net.state_tensors().items()}
+    assert reuse_by_signal(net, owners, 1, x, tail=0.05)["layer1"] == 2
+    assert reuse_by_signal(net, owners, 1, x, tail=0.10)["layer1"] == 1
+    with torch.no_grad():
+        net.weights[1][1, 2] = 100.0
+    assert reuse_by_signal(net, owners, 1, x, tail=0.05)["layer1"] == 1
+    assert reuse_counts(net, owners, 1)["layer1"] == 2  # both are connected: the connection count cannot tell
+    assert reuse_by_signal(net, owners, 0, x)["layer1"] == 0  # task 0 has no earlier units
+    net.weights[1].data[1, 2] = 0.0
+    for k, v in net.state_tensors().items():  # read-only
+        assert torch.equal(v, before[k]), k
+
+
+def test_accurate_preset_reports_reuse_by_signal(tmp_path, data_dir):
+    """The accurate preset's reuse figure counts at most the earlier units and fewer than a connection count."""
+    config = preset("accurate", **FAST)
+    assert config.reuse_measure == "signal" and config.reuse_max_drop == 0.0
+    root = tmp_path / "repo"
+    add_task(root, "a", "permuted-mnist:3", network=NETWORK, config=config, limit=1000, data_dir=str(data_dir))
+    second = add_task(root, "b", "permuted-mnist:4", config=config, limit=1000, data_dir=str(data_dir))
+    repo = ModelRepository.open(root)
+    manifest = repo.read_manifest(2)
+    net, owners = load_network(repo, manifest)
+    from trainer.clnp import reuse_counts
+
+    connected = reuse_counts(net, owners, 1)
+    for name, o in zip(net.spec.layer_names, owners):
+        assert manifest.tasks[1].reused[name] == second.outcome.reused[name]
+        assert 0 < second.outcome.reused[name] <= connected[name] <= int((o == 0).sum())
+    assert second.outcome.reused != connected  # the measures differ on a real task
