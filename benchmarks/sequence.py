@@ -6,6 +6,7 @@ saved before the next starts, and `run` started again on the same folder continu
     python benchmarks/sequence.py run --out runs/clnp-s0 --tasks 10 --seed 0 --data-dir ../shared/data
     python benchmarks/sequence.py run --out runs/single-s0 --method single --tasks 10 --seed 0 ...
     python benchmarks/sequence.py report runs/clnp-s0 runs/clnp-s1 runs/single-s0 --out /tmp/report
+    python benchmarks/sequence.py reuse runs/clnp-s0 --data-dir ../shared/data   # both reuse measures, per task
 
 A run folder holds `run.json` (the `RunRecord`, readable) and, for CLNP, `state.safetensors`: the network,
 unit ownership and every task's probe logits, with the same `RunRecord` in its metadata. The state file is
@@ -42,7 +43,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from serving.capacity import forecast_additional_tasks  # noqa: E402
 from serving.contract import FREE  # noqa: E402
-from trainer.clnp import CapacityExhaustedError, CLNPConfig, accuracy, check_capacity, learn_task, new_owners, preset, task_masks  # noqa: E402,E501
+from trainer.clnp import (CapacityExhaustedError, CLNPConfig, accuracy, check_capacity, learn_task, new_owners, preset,  # noqa: E402
+                          reuse_by_signal, reuse_counts, task_masks)
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
 from trainer.training import TaskTrainer  # noqa: E402
 from benchmarks.tasks import Task, load_task  # noqa: E402
@@ -338,6 +340,32 @@ def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: s
             "prune_steps": 0, "seconds": seconds}
 
 
+def reuse_table(folder: Path, data_dir: str | None) -> str:
+    """Both reuse measures for every task of a CLNP run, read from its saved state (markdown).
+
+    A task's rows never change after it is learned, so both figures are what they were right after it; the
+    "connections" column equals the run record's `reused` where the run counted that way.
+    """
+    if not (folder / "state.safetensors").exists():
+        raise SystemExit(f"error: {folder} holds no state.safetensors (a CLNP run keeps it beside run.json)")
+    record = RunRecord.from_dict(json.loads((folder / "run.json").read_text()))
+    _, net, owners, _ = load_state(folder, record.network)
+    config = CLNPConfig(**record.config)
+    spec, names = net.spec, net.spec.layer_names
+    lines = [f"Reuse per task of `{folder.name}` ({len(record.tasks)} tasks; signal tail {config.reuse_signal_tail:.0%})",
+             "", "| task | " + " | ".join(f"{n}: own / earlier / connected / signal" for n in names) + " |",
+             "|---:|" + "---|" * len(names)]
+    with torch.no_grad():
+        for t, done in enumerate(record.tasks):
+            x = load_task(done.source, spec, data_dir, record.limit, config.seed, "cpu").x_train[: config.activity_samples]
+            connected = reuse_counts(net, owners, t)
+            signal = reuse_by_signal(net, owners, t, x, config.reuse_signal_tail)
+            cells = [f"{int((o == t).sum())} / {int(((o >= 0) & (o < t)).sum())} / {connected[n]} / {signal[n]}"
+                     for n, o in zip(names, owners)]
+            lines.append(f"| {t + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -357,6 +385,9 @@ def parse_args(argv):
     rep = sub.add_parser("report", help="summarise run folders into JSON, markdown and plots")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", required=True, help="folder for sequence.json, sequence.md and the plots")
+    reu = sub.add_parser("reuse", help="both reuse measures (connections, signal) per task of CLNP run folders")
+    reu.add_argument("runs", nargs="+", help="CLNP run folders that hold their state.safetensors")
+    reu.add_argument("--data-dir", default=os.environ.get("CLNP_DATA_DIR"), help="folder holding mnist/")
     return p.parse_args(argv)
 
 
@@ -364,6 +395,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "reuse":
+        for folder in args.runs:
+            print(reuse_table(Path(folder), args.data_dir))
+        return None
     from benchmarks.sequence_report import report_main
 
     return report_main(args.runs, Path(args.out))

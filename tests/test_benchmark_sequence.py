@@ -158,3 +158,20 @@ def test_a_fork_learns_its_next_tasks_with_the_new_settings(tmp_path, data_dir):
     with pytest.raises(SystemExit, match="max_drop"):
         fork(tmp_path / "orig", tmp_path / "bad", {"max_drop": -1.0})
     assert not (tmp_path / "bad").exists()
+
+
+def test_reuse_table_reads_both_measures_from_the_saved_state(tmp_path, data_dir, capsys):
+    """The connection count read back from the state equals what the run recorded; the signal count is at most it."""
+    record = _run(tmp_path / "r", 2, data_dir)
+    capsys.readouterr()
+    seq.main(["reuse", str(tmp_path / "r"), "--data-dir", str(data_dir)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    for row, task in zip(rows, record.tasks):
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        for cell, name in zip(cells, ["layer1", "layer2"]):
+            own, earlier, connected, signal = (int(v) for v in cell.split("/"))
+            assert own == task.units_kept[name] and connected == task.reused[name]
+            assert 0 <= signal <= connected <= earlier
+    with pytest.raises(SystemExit, match="no state.safetensors"):
+        seq.main(["reuse", str(tmp_path), "--data-dir", str(data_dir)])
