@@ -355,14 +355,13 @@ def reuse_table(folder: Path, data_dir: str | None) -> str:
     lines = [f"Reuse per task of `{folder.name}` ({len(record.tasks)} tasks; signal tail {config.reuse_signal_tail:.0%})",
              "", "| task | " + " | ".join(f"{n}: own / earlier / connected / signal" for n in names) + " |",
              "|---:|" + "---|" * len(names)]
-    with torch.no_grad():
-        for t, done in enumerate(record.tasks):
-            x = load_task(done.source, spec, data_dir, record.limit, config.seed, "cpu").x_train[: config.activity_samples]
-            connected = reuse_counts(net, owners, t)
-            signal = reuse_by_signal(net, owners, t, x, config.reuse_signal_tail)
-            cells = [f"{int((o == t).sum())} / {int(((o >= 0) & (o < t)).sum())} / {connected[n]} / {signal[n]}"
-                     for n, o in zip(names, owners)]
-            lines.append(f"| {t + 1} | " + " | ".join(cells) + " |")
+    for t, done in enumerate(record.tasks):
+        x = load_task(done.source, spec, data_dir, record.limit, config.seed, "cpu").x_train[: config.activity_samples]
+        connected = reuse_counts(net, owners, t)
+        signal = reuse_by_signal(net, owners, t, x, config.reuse_signal_tail)
+        cells = [f"{int((o == t).sum())} / {int(((o >= 0) & (o < t)).sum())} / {connected[n]} / {signal[n]}"
+                 for n, o in zip(names, owners)]
+        lines.append(f"| {t + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

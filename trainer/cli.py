@@ -114,7 +114,7 @@ def cli(verbose: bool) -> None:
                    "Later tasks use the repository's network; if given again it must match.")
 @click.option("--preset", type=click.Choice(sorted(_PRESETS)), default="default", show_default=True,
               help="Method settings to start from: default (dropout, Taylor-scored iterative pruning with "
-                   "distilled recovery), accurate (the same with 30 dense and 60 fine-tuning epochs, about 2.5x the "
+                   "distilled recovery), accurate (the same with 30 dense and 60 fine-tuning epochs, about 1.7x the "
                    "time), fast (the same on about a quarter of the time), reference (the earlier method: L1 "
                    "penalty, activity scores, one-shot pruning). Options below override it.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,

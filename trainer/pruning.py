@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.network import MaskedNetwork
-from trainer.training import EpochPlan, TaskTrainer, train_compact, unit_means
+from trainer.training import EpochPlan, TaskTrainer, mean_activations, train_compact
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,8 @@ class UnitScore:
 class ActivityScore(UnitScore):
     name = "activity"
 
-    @torch.no_grad()
     def __call__(self, ctx, keep):
-        net, x = ctx.net, ctx.x_train[: ctx.score_samples]
-        masks = ctx.visible(keep)
-        sums = [torch.zeros(len(k), dtype=torch.float64, device=k.device) for k in keep]
-        for s in range(0, len(x), 2048):
-            for i, a in enumerate(net.hidden(net.preprocess(x[s:s + 2048], ctx.task), masks)):
-                sums[i] += unit_means(a).sum(0).double()
-        return [v / max(1, len(x)) for v in sums]
+        return mean_activations(ctx.net, ctx.x_train[: ctx.score_samples], ctx.task, ctx.visible(keep))
 
 
 class TaylorScore(UnitScore):

@@ -69,6 +69,17 @@ def unit_means(a: torch.Tensor) -> torch.Tensor:
     return a.mean(dim=(2, 3)) if a.dim() == 4 else a
 
 
+@torch.no_grad()
+def mean_activations(net: MaskedNetwork, x: torch.Tensor, task: int, masks: list[torch.Tensor],
+                     batch_size: int = 2048) -> list[torch.Tensor]:
+    """Each hidden unit's mean activation over the raw inputs x through `masks`: float64 (units_i,) per layer."""
+    sums = [torch.zeros(len(m), dtype=torch.float64, device=m.device) for m in masks]
+    for s in range(0, len(x), batch_size):
+        for i, a in enumerate(net.hidden(net.preprocess(x[s:s + batch_size], task), masks)):
+            sums[i] += unit_means(a).sum(0).double()
+    return [v / max(1, len(x)) for v in sums]
+
+
 class TaskTrainer:
     """Trains task `task` of `net`; holds the seeded generator that orders the data and draws dropout.
 
