@@ -43,8 +43,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from serving.capacity import forecast_additional_tasks  # noqa: E402
 from serving.contract import FREE  # noqa: E402
-from trainer.clnp import (CapacityExhaustedError, CLNPConfig, accuracy, check_capacity, learn_task, new_owners, preset,  # noqa: E402
-                          reuse_by_signal, reuse_counts, task_masks)
+from trainer.clnp import (PRESETS, SETTINGS_BEFORE_THEY_EXISTED, CapacityExhaustedError, CLNPConfig, accuracy,  # noqa: E402
+                          check_capacity, learn_task, new_owners, preset, reuse_by_signal, reuse_counts, task_masks)
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
 from trainer.training import TaskTrainer  # noqa: E402
 from benchmarks.tasks import Task, load_task  # noqa: E402
@@ -103,8 +103,9 @@ class RunRecord:
             raise SystemExit(f"error: run record schema {d.get('schema_version')} is not {SCHEMA_VERSION}")
         d = dict(d)
         d["tasks"] = [TaskResult(**t) for t in d.get("tasks", [])]
-        # A setting added after the run was recorded defaults to what the code did before it existed.
-        d["config"] = {f.name: f.default for f in fields(CLNPConfig)} | d.get("config", {})
+        # A setting added after the run was recorded takes the value the code had before it existed.
+        d["config"] = ({f.name: f.default for f in fields(CLNPConfig)} | SETTINGS_BEFORE_THEY_EXISTED
+                       | d.get("config", {}))
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -371,7 +372,7 @@ def parse_args(argv):
     r = sub.add_parser("run", help="run (or continue) one sequence into a folder")
     r.add_argument("--out", required=True, help="run folder; an existing one with the same settings is continued")
     r.add_argument("--method", choices=METHODS, default="clnp")
-    r.add_argument("--preset", default="default", help="CLNP preset (default, fast, reference)")
+    r.add_argument("--preset", default="default", choices=list(PRESETS), help="CLNP preset (trainer.clnp.PRESETS)")
     r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="CLNPConfig fields overriding the preset")
     r.add_argument("--tasks", type=int, default=10, help="permuted-MNIST tasks (permuted-mnist:1..N)")
     r.add_argument("--seed", type=int, default=0, help="initialisation, data order, dropout, validation hold-out")

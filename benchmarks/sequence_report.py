@@ -22,7 +22,7 @@ REPORT_SCHEMA_VERSION = 1
 @dataclass(frozen=True)
 class RunSummary:
     folder: str
-    label: str  # method, preset and any setting that differs from the preset
+    label: str  # method, nearest preset and any setting that differs from it
     group: str  # label without the seed
     method: str
     seed: int
@@ -44,13 +44,19 @@ DENSE_FIELDS = ("epochs", "learning_rate", "lr_schedule", "lr_decay", "batch_siz
 
 
 def _label(r: RunRecord, with_seed: bool) -> str:
-    """Method, preset and every setting that differs from the preset as it is now."""
+    """Method, the preset that names the run's settings most briefly as the presets are now (the one it ran with on
+    a tie), and every setting that differs from that preset."""
     from trainer.clnp import PRESETS
 
-    base = asdict(PRESETS[r.preset]) if r.preset in PRESETS else {}
-    diff = [f"{k}={v}" for k, v in r.config.items() if k != "seed" and base.get(k) != v
-            and (r.method == "clnp" or k in DENSE_FIELDS)]
-    parts = [r.method, r.preset] + diff + ([f"limit={r.limit}"] if r.limit else []) + [f"{r.tasks_planned} tasks"]
+    def diff(name: str) -> list[str]:
+        base = asdict(PRESETS[name])
+        return [f"{k}={v}" for k, v in r.config.items() if k != "seed" and base.get(k) != v
+                and (r.method == "clnp" or k in DENSE_FIELDS)]
+
+    names = sorted(PRESETS, key=lambda n: (len(diff(n)), n != r.preset))
+    name = names[0] if names else r.preset
+    parts = [r.method, name] + (diff(name) if names else []) + ([f"limit={r.limit}"] if r.limit else []) \
+        + [f"{r.tasks_planned} tasks"]
     if with_seed:
         parts.append(f"seed {r.seed}")
     return " ".join(parts)

@@ -56,20 +56,38 @@ def test_other_settings_are_refused(tmp_path, data_dir):
 
 
 def test_a_record_from_before_a_new_setting_resumes(tmp_path, data_dir):
-    """A run recorded before `precision` existed ran as its default (fp32) does; it resumes, and bf16 is refused."""
+    """A run recorded before `precision` and `reuse_measure` existed ran as fp32 with reuse by connections, whatever
+    the defaults are now; it resumes, and other values are refused."""
     from safetensors.torch import save_file
 
     out = tmp_path / "r"
     _run(out, 1, data_dir)
     state = out / "state.safetensors"
     record = json.loads((out / "run.json").read_text())
-    del record["config"]["precision"]
+    del record["config"]["precision"], record["config"]["reuse_measure"]
     save_file(load_file(str(state)), str(state), metadata={"record": json.dumps(record)})
     (out / "run.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="other settings"):
         _run(out, 2, data_dir, "precision=bf16")
+    with pytest.raises(SystemExit, match="other settings"):
+        _run(out, 2, data_dir, "reuse_measure=signal")
     resumed = _run(out, 2, data_dir)
     assert len(resumed.tasks) == 2 and resumed.config["precision"] == "fp32"
+    assert resumed.config["reuse_measure"] == "connections" != seq.CLNPConfig().reuse_measure
+
+
+def test_runs_are_named_by_the_nearest_preset():
+    """A run keeps a readable name when the presets change: the preset its settings differ least from."""
+    from benchmarks.sequence_report import _label
+    from trainer.clnp import PRESETS
+
+    def record(preset, config):
+        return seq.RunRecord(seq.SCHEMA_VERSION, "clnp", preset, config, "mlp:784-2000-2000", 10, 0, None, {})
+
+    balanced = seq.asdict(PRESETS["balanced"])
+    assert _label(record("default", balanced), False) == "clnp balanced 10 tasks"
+    assert _label(record("default", balanced | {"max_drop": 0.8}), True) == "clnp balanced max_drop=0.8 10 tasks seed 0"
+    assert _label(record("fast", seq.asdict(PRESETS["default"])), False) == "clnp default 10 tasks"
 
 
 def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):

@@ -233,9 +233,9 @@ def test_reuse_by_signal_counts_the_earlier_units_that_carry_the_signal_and_chan
     assert reuse_by_signal(net, owners, 0, x)["layer1"] == 0  # task 0 has no earlier units
 
 
-def test_accurate_preset_reports_reuse_by_signal(tmp_path, data_dir):
-    """The accurate preset's reuse figure counts at most the earlier units and fewer than a connection count."""
-    config = preset("accurate", **FAST)
+def test_default_preset_reports_reuse_by_signal(tmp_path, data_dir):
+    """The default's reuse figure counts at most the earlier units and fewer than a connection count."""
+    config = preset("default", **FAST)
     assert config.reuse_measure == "signal" and config.reuse_max_drop == 0.0
     root = tmp_path / "repo"
     add_task(root, "a", "permuted-mnist:3", network=NETWORK, config=config, limit=1000, data_dir=str(data_dir))

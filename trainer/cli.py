@@ -113,10 +113,10 @@ def cli(verbose: bool) -> None:
               help="Network spec for the first task, e.g. mlp:784-2000-2000 (default) or cnn:1x28x28-c32-c64-d256. "
                    "Later tasks use the repository's network; if given again it must match.")
 @click.option("--preset", type=click.Choice(sorted(_PRESETS)), default="default", show_default=True,
-              help="Method settings to start from: default (dropout, Taylor-scored iterative pruning with "
-                   "distilled recovery), accurate (the same with 30 dense and 60 fine-tuning epochs, about 1.7x the "
-                   "time), fast (the same on about a quarter of the time), reference (the earlier method: L1 "
-                   "penalty, activity scores, one-shot pruning). Options below override it.")
+              help="Method settings to start from: default (dropout, 30 epochs, Taylor-scored iterative pruning "
+                   "with distilled recovery, 60 fine-tuning epochs), balanced (the earlier default: 10 and 20 "
+                   "epochs, about 0.6x the time), fast (about a fifth of the time), reference (the first method: "
+                   "L1 penalty, activity scores, one-shot pruning). Options below override it.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help=f"Training epochs on the new task before pruning [default: {_DEFAULTS.epochs}].")
 @click.option("--max-drop", type=click.FloatRange(min=0, max=100), default=None,

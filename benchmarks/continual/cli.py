@@ -28,10 +28,10 @@ from trainer.network import parse_network_spec
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
-FULL = dict(tasks=10, network="mlp:784-2000-2000", epochs=None, limit=None, batch_size=None, ewc_lambdas="100,1000,10000", ewc_select_tasks=3,
+FULL = dict(preset="default", tasks=10, network="mlp:784-2000-2000", epochs=None, limit=None, batch_size=None, ewc_lambdas="100,1000,10000", ewc_select_tasks=3,
             ewc_fisher_samples=1000, sweep_max_drop="0,0.1,0.2,0.5,1", sweep_tasks=3, sweep_epochs=None,
             cnn_network="cnn:1x28x28-c32-c64-d256", cnn_tasks=5, cost_steps=100, cost_rounds=3)
-QUICK = dict(tasks=3, network="mlp:784-64-64", epochs=1, limit=1000, batch_size=64, ewc_lambdas="10,1000",
+QUICK = dict(preset="fast", tasks=3, network="mlp:784-64-64", epochs=1, limit=1000, batch_size=64, ewc_lambdas="10,1000",
              ewc_select_tasks=2, ewc_fisher_samples=200, sweep_max_drop=f"0,{CLNPConfig().max_drop:g}", sweep_tasks=2, sweep_epochs=None,
              cnn_network="cnn:1x28x28-c8-c16-d32", cnn_tasks=3, cost_steps=10, cost_rounds=2)
 
@@ -43,8 +43,9 @@ def parse_args(argv):
     p.add_argument("--out", default=None,
                    help="output folder; default: benchmarks/results for a full run of every method (and for "
                         "--merge), a new temporary folder for --quick and partial runs, so committed results stay")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="CLNP method preset (trainer.clnp.PRESETS); every method uses its dense-phase schedule")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"CLNP method preset (trainer.clnp.PRESETS; default {FULL['preset']}, {QUICK['preset']} with "
+                        "--quick); every method uses its dense-phase schedule")
     p.add_argument("--quick", action="store_true", help="a small run (about a minute): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--tasks", type=int, help=f"permuted-MNIST tasks (default {FULL['tasks']})")
     p.add_argument("--network", help=f"MLP spec (default {FULL['network']})")
