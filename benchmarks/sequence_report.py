@@ -53,10 +53,8 @@ def _label(r: RunRecord, with_seed: bool) -> str:
         return [f"{k}={v}" for k, v in r.config.items() if k != "seed" and base.get(k) != v
                 and (r.method == "clnp" or k in DENSE_FIELDS)]
 
-    names = sorted(PRESETS, key=lambda n: (len(diff(n)), n != r.preset))
-    name = names[0] if names else r.preset
-    parts = [r.method, name] + (diff(name) if names else []) + ([f"limit={r.limit}"] if r.limit else []) \
-        + [f"{r.tasks_planned} tasks"]
+    name = min(PRESETS, key=lambda n: (len(diff(n)), n != r.preset))
+    parts = [r.method, name, *diff(name)] + ([f"limit={r.limit}"] if r.limit else []) + [f"{r.tasks_planned} tasks"]
     if with_seed:
         parts.append(f"seed {r.seed}")
     return " ".join(parts)
