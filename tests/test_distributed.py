@@ -61,3 +61,45 @@ def test_add_task_under_torchrun_with_two_processes(tmp_path_factory, tmp_path):
         torch_scores = net(xt, 1, task_masks(owners, 1)).numpy()
     np.testing.assert_allclose(ort_scores(r.onnx_path(new), xt.reshape(len(xt), -1).numpy(), 1, 10), torch_scores,
                                rtol=1e-4, atol=1e-4)
+
+
+_SHUTDOWN_PROBE = r'''
+import json, os, sys
+import torch
+from trainer import distributed
+
+def gloo_workers():  # ProcessGroupGloo's worker threads name themselves pt_gloo_runloop
+    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "pt_gloo_runloop" for t in os.listdir("/proc/self/task"))
+
+w = distributed.init_from_environment("cpu")
+p = torch.nn.Parameter(torch.zeros(3))
+step = distributed.data_parallel(lambda x: (x * p).sum(), [p])
+step(torch.full((3,), float(w.rank + 1))).backward()  # rank 0 sees ones, rank 1 twos: the mean is 1.5
+del step
+outcome = distributed.main_rank_outcome("published" if w.is_main else None)
+running = gloo_workers()
+distributed.shutdown()
+print(json.dumps({"rank": w.rank, "grad": p.grad.tolist(), "outcome": outcome,
+                  "workers_running": running, "workers_after_shutdown": gloo_workers()}))
+'''
+
+
+def test_shutdown_frees_the_group_that_carried_the_last_broadcast(tmp_path):
+    """DistributedDataParallel keeps the group it all-reduces over alive after it is gone; if that were the default
+    group, its worker threads could drop the final broadcast's tensors while the interpreter finalizes and abort a
+    run that succeeded. Gradients go over a group of their own, so shutdown really frees the default one."""
+    script = tmp_path / "probe.py"
+    script.write_text(_SHUTDOWN_PROBE)
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1]
+    for r in reports:
+        assert r["grad"] == [1.5, 1.5, 1.5]  # DDP averaged the two ranks' gradients over its group
+        assert r["outcome"] == "published"  # the default group carried rank 0's outcome to both ranks
+        # Two groups' workers while running; after shutdown only those of the group DDP still holds remain.
+        assert r["workers_running"] >= 2 * r["workers_after_shutdown"] > 0

@@ -12,6 +12,13 @@ Then:
 - pruning decisions, validation and Taylor scores use the full (unsharded) data on identical weights, so every rank
   takes the same ones; dropout draws from a per-rank generator;
 - only rank 0 exports, checks and publishes; the others wait for its outcome.
+
+DistributedDataParallel runs on a process group of its own (`_gradient_group`). DDP keeps references to the group it
+is given after the wrapper itself is gone (torch 2.13), so `destroy_process_group` would not free that group, and its
+gloo worker threads would outlive `shutdown`. When the group is the default one, the worker thread may then release the
+last handle of the final broadcast (tensors with Python references) while the interpreter is finalizing, and the
+process aborts ("terminate called without an active exception") after a successful run. With DDP on its own group,
+the default group is really destroyed, its workers joined, before the interpreter exits.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ def world() -> World | None:
     return World(dist.get_rank(), dist.get_world_size(), dist.get_backend())
 
 
+_gradient_group = None  # the process group DistributedDataParallel all-reduces over (see the module's docstring)
+
+
 def init_from_environment(device: str = "cpu") -> World | None:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); None when run alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -51,12 +61,17 @@ def init_from_environment(device: str = "cpu") -> World | None:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
+    global _gradient_group
+    if _gradient_group is None and dist.get_world_size() > 1:
+        _gradient_group = dist.new_group(backend=dist.get_backend())  # collective: every rank, same order
     return world()
 
 
 def shutdown() -> None:
+    global _gradient_group
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group; the default one is freed and its worker threads joined here
+    _gradient_group = None
 
 
 class _Step(nn.Module):
@@ -76,7 +91,9 @@ def data_parallel(forward, params: list[torch.Tensor]):
     """`forward` wrapped in DistributedDataParallel over `params` (the caller's tensors, updated in place)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(_Step(forward, params), broadcast_buffers=False)
+    # _Step registers parameters only, no buffers: nothing to sync per forward pass (and nothing at init either).
+    group = _gradient_group if _gradient_group is not None else dist.group.WORLD
+    return DistributedDataParallel(_Step(forward, params), process_group=group, forward_sync_buffers=False)
 
 
 def shard_order(n: int, w: World, seed: int, epoch: int) -> torch.Tensor:
