@@ -79,8 +79,10 @@ del step
 outcome = distributed.main_rank_outcome("published" if w.is_main else None)
 running = gloo_workers()
 distributed.shutdown()
-print(json.dumps({"rank": w.rank, "grad": p.grad.tolist(), "outcome": outcome,
-                  "workers_running": running, "workers_after_shutdown": gloo_workers()}))
+report = {"rank": w.rank, "grad": p.grad.tolist(), "outcome": outcome,
+          "workers_running": running, "workers_after_shutdown": gloo_workers()}
+with open(os.path.join(sys.argv[1], f"rank{w.rank}.json"), "w") as f:  # a file each: the ranks share one stdout
+    json.dump(report, f)
 '''
 
 
@@ -93,10 +95,9 @@ def test_shutdown_frees_the_group_that_carried_the_last_broadcast(tmp_path):
     env = subprocess_env()
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           str(script), str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
-                     key=lambda r: r["rank"])
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1]
     for r in reports:
         assert r["grad"] == [1.5, 1.5, 1.5]  # DDP averaged the two ranks' gradients over its group
