@@ -250,3 +250,19 @@ def test_default_preset_reports_reuse_by_signal(tmp_path, data_dir):
         assert manifest.tasks[1].reused[name] == second.outcome.reused[name]
         assert 0 < second.outcome.reused[name] <= connected[name] <= int((o == 0).sum())
     assert second.outcome.reused != connected  # the measures differ on a real task
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_min_units_is_a_floor_that_pruning_never_crosses(schedule, tmp_path, data_dir):
+    # max_drop 100: accuracy never stops pruning, so only the floor does.
+    loose = dict(FAST, epochs=1, recovery_epochs=0.5, max_drop=100.0, finetune_epochs=0, schedule=schedule)
+    kept = {}
+    for floor in (0, 20, 1000):
+        result = add_task(tmp_path / f"repo-{floor}", "a", "permuted-mnist:1", network=NETWORK,
+                          config=preset("default", **loose, min_units=floor), limit=500, data_dir=str(data_dir))
+        kept[floor] = result.outcome.units_kept
+    assert all(k < 20 for k in kept[0].values()), kept  # without a floor, pruning goes below it
+    assert set(kept[20].values()) == {20}, kept  # the floor, exactly: nothing else held pruning back
+    assert set(kept[1000].values()) == {64}, kept  # a floor above the free units keeps them all
+    with pytest.raises(ConfigError, match="min_units"):
+        preset("default", min_units=-1)

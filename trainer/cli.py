@@ -122,6 +122,9 @@ def cli(verbose: bool) -> None:
 @click.option("--max-drop", type=click.FloatRange(min=0, max=100), default=None,
               help=f"Graceful forgetting: validation accuracy points pruning may cost the new task "
                    f"[default: {_DEFAULTS.max_drop}].")
+@click.option("--min-units", type=click.IntRange(min=0), default=None,
+              help="Pruning leaves the new task at least this many units per layer (of the free ones), to spend "
+                   f"spare capacity on accuracy [default: {_DEFAULTS.min_units}: max drop alone decides].")
 @click.option("--score", type=click.Choice(sorted(_SCORES)), default=None,
               help=f"How units are ranked for pruning [default: {_DEFAULTS.score}].")
 @click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,
@@ -172,7 +175,7 @@ def cli(verbose: bool) -> None:
               help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha, distill,
+def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
                  learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
                  reuse_measure, precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
@@ -192,7 +195,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
     # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard, rank 0 publishes.
     world = distributed.init_from_environment(device)
     try:
-        _add_task(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha,
+        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
                   distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
                   reuse_measure, precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json,
                   progress, quiet=world is not None and not world.is_main)
@@ -200,7 +203,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, sc
         distributed.shutdown()
 
 
-def _add_task(repository, task, source, network, preset, epochs, max_drop, score, schedule, dropout, alpha, distill,
+def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
               learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
               reuse_measure, precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json,
               progress, quiet):
@@ -210,7 +213,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, score
     check_writable(repository)
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
-        dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, distill=distill,
+        dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill,
         recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, reuse_max_drop=reuse_max_drop,
         reuse_measure=reuse_measure, precision=precision, prune_connections=False if no_connection_pruning else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress

@@ -70,6 +70,7 @@ class CLNPConfig:
     prune_fraction: float = 0.5  # iterative: share of each layer's remaining units the first step removes
     min_prune_fraction: float = 0.05  # iterative: failed steps halve the share; stop below this
     max_prune_steps: int = 24  # iterative: stop after this many steps
+    min_units: int = 0  # pruning keeps at least this many units per layer (of those free); 0: only max_drop decides
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
     recovery_lr: float = 0.0003  # iterative: Adam's step size while retraining after a step
     recovery_early_stop: bool = True  # iterative: stop retraining once validation accuracy is back (checked 4x/epoch)
@@ -107,6 +108,8 @@ class CLNPConfig:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if not 0 <= self.distill <= 1:
             raise ConfigError(f"distill {self.distill} must be in [0, 1]")
+        if self.min_units < 0:
+            raise ConfigError(f"min_units {self.min_units} must be >= 0 (units per layer pruning must leave)")
         if not 0 < self.prune_fraction < 1 or not 0 < self.min_prune_fraction <= self.prune_fraction:
             raise ConfigError("prune fractions must satisfy 0 < min_prune_fraction <= prune_fraction < 1")
 
@@ -240,7 +243,8 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         candidates=free, earlier=earlier, score_samples=config.activity_samples, recovery=config.recovery_plan(),
         teacher=teacher, x_val=data.x_val, y_val=data.y_val,
     )
-    schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps)
+    schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps,
+                            config.min_units)
     result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
     epoch_seconds += result.epoch_seconds
     pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}

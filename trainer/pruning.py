@@ -16,6 +16,8 @@ Schedules:
   training (distilled from the dense network), and keep the step if validation accuracy stays within
   max_drop of the dense network; after a failed step, restore and halve the fraction, until it is below
   `min_prune_fraction` or `max_prune_steps` steps were tried.
+Both leave at least `min_units` of a layer's candidates (`CLNPConfig.min_units`; 0: max_drop alone decides), a
+floor a team sets when it has capacity to spare and wants it spent on accuracy.
 """
 
 from __future__ import annotations
@@ -140,8 +142,15 @@ def _lowest(scores: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
     return idx[torch.argsort(scores[idx], stable=True)[:k]]
 
 
+def _least_kept(min_units: int, candidates: int) -> int:
+    """How many of a layer's `candidates` pruning must leave: `min_units` where there are that many, and one always."""
+    return max(1, min(min_units, candidates))
+
+
+@dataclass
 class OneShotBisection(PruneSchedule):
     name = "one-shot"
+    min_units: int = 0  # keep at least this many candidates per layer (where there are that many)
 
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         keep = [c.clone() for c in ctx.candidates]
@@ -156,7 +165,7 @@ class OneShotBisection(PruneSchedule):
                 trial[i][order[:k]] = False
                 return ctx.accuracy(trial)
 
-            lo, hi = 0, len(order)  # largest k whose accuracy stays above the floor (k=0 always does)
+            lo, hi = 0, len(order) - _least_kept(self.min_units, len(order))  # largest k above the floor (k=0 always)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if acc_without(mid) >= floor:
@@ -173,10 +182,12 @@ class IterativeRecovery(PruneSchedule):
     first_fraction: float = 0.5  # share of each layer's remaining units the first step removes
     min_fraction: float = 0.05  # stop once a failed step has halved the share below this
     max_steps: int = 12  # stop after this many steps, kept or not
+    min_units: int = 0  # keep at least this many candidates per layer (where there are that many)
 
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         floor = dense_accuracy - max_drop
         keep = [c.clone() for c in ctx.candidates]
+        least = [_least_kept(self.min_units, int(c.sum())) for c in ctx.candidates]
         saved = copy.deepcopy(ctx.net.state_tensors())
         accuracy = ctx.accuracy(keep)
         fraction, steps, seconds = self.first_fraction, 0, []
@@ -185,7 +196,7 @@ class IterativeRecovery(PruneSchedule):
             trial = [k.clone() for k in keep]
             for i, k in enumerate(keep):
                 remaining = int(k.sum())
-                cut = min(remaining - 1, math.floor(fraction * remaining))
+                cut = min(remaining - least[i], math.floor(fraction * remaining))
                 if cut > 0:
                     trial[i][_lowest(scores[i], k, cut)] = False
             if all(torch.equal(a, b) for a, b in zip(trial, keep)):
@@ -216,12 +227,14 @@ class IterativeRecovery(PruneSchedule):
 SCHEDULES: dict[str, PruneSchedule] = {s.name: s for s in (OneShotBisection(), IterativeRecovery())}
 
 
-def schedule_for(name: str, first_fraction: float, min_fraction: float, max_steps: int) -> PruneSchedule:
-    """The registered schedule `name`, with the iterative schedule's settings applied."""
+def schedule_for(name: str, first_fraction: float, min_fraction: float, max_steps: int,
+                 min_units: int = 0) -> PruneSchedule:
+    """The registered schedule `name`, with the iterative schedule's settings and the unit floor applied."""
     s = SCHEDULES[name]
     if isinstance(s, IterativeRecovery):
-        return replace(s, first_fraction=first_fraction, min_fraction=min_fraction, max_steps=max_steps)
-    return s
+        return replace(s, first_fraction=first_fraction, min_fraction=min_fraction, max_steps=max_steps,
+                       min_units=min_units)
+    return replace(s, min_units=min_units)
 
 
 def restore(net: MaskedNetwork, tensors: dict[str, torch.Tensor]) -> None:
