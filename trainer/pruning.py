@@ -142,11 +142,6 @@ def _lowest(scores: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
     return idx[torch.argsort(scores[idx], stable=True)[:k]]
 
 
-def _least_kept(min_units: int, candidates: int) -> int:
-    """How many of a layer's `candidates` pruning must leave: `min_units` where there are that many, and one always."""
-    return max(1, min(min_units, candidates))
-
-
 @dataclass
 class OneShotBisection(PruneSchedule):
     name = "one-shot"
@@ -165,7 +160,9 @@ class OneShotBisection(PruneSchedule):
                 trial[i][order[:k]] = False
                 return ctx.accuracy(trial)
 
-            lo, hi = 0, len(order) - _least_kept(self.min_units, len(order))  # largest k above the floor (k=0 always)
+            # largest k whose accuracy stays above the floor (k=0 always does), leaving min_units where there are
+            # that many (without a floor, a layer may give back every candidate and live on reused units)
+            lo, hi = 0, len(order) - min(self.min_units, len(order))
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if acc_without(mid) >= floor:
@@ -187,7 +184,7 @@ class IterativeRecovery(PruneSchedule):
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         floor = dense_accuracy - max_drop
         keep = [c.clone() for c in ctx.candidates]
-        least = [_least_kept(self.min_units, int(c.sum())) for c in ctx.candidates]
+        least = [max(1, min(self.min_units, int(c.sum()))) for c in ctx.candidates]  # one at least, as a step cuts
         saved = copy.deepcopy(ctx.net.state_tensors())
         accuracy = ctx.accuracy(keep)
         fraction, steps, seconds = self.first_fraction, 0, []
