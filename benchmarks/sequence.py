@@ -18,6 +18,8 @@ Task k (1-based) is `permuted-mnist:k`. CLNP learns through the trainer's public
 - the zero-forgetting check: every earlier task's logits on 256 test images are `torch.equal` to those
   recorded right after it was learned (kept in the state, so the check spans resumes),
 - FREE units per layer, and the capacity forecast `clnp-train capacity` would print.
+- CLNP: validation accuracy at the end of each phase (train, prune, fine-tune, reuse), and test accuracy at the
+  same points (`phase_test`), reported only: pruning chooses on validation, never on test.
 The single-task reference trains a fresh network per task with CLNP's dense-phase schedule (same epochs,
 learning rate and its schedule, dropout, batch size), no pruning.
 """
@@ -72,6 +74,9 @@ class TaskResult:
     trained_on: str = "cpu"  # "cpu", or the GPU's name (checks and test accuracy always run on the CPU)
     phase_seconds: dict = field(default_factory=dict)  # CLNP: "train", "prune", "fine-tune", "reuse" -> wall s
     phase_validation: dict = field(default_factory=dict)  # CLNP: the same phases -> validation % at their end
+    # CLNP: the same phases -> test % at their end. Reported only, to show where the held-out accuracy goes (pruning
+    # decisions are made on validation, which they therefore flatter); nothing is chosen on it. Empty in older records.
+    phase_test: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -307,9 +312,16 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
                          generator=torch.Generator().manual_seed(config.seed + 1))
     if index != t:
         raise RuntimeError(f"head {index} added for task {t}")
+    data = on_device(task, device)
+    phase_test: dict[str, float] = {}
+
+    def held_out(name, masks):  # test accuracy at the end of a phase (on the training device): recorded, never chosen on
+        at = masks[0].device
+        phase_test[name] = round(accuracy(net, data.x_test.to(at), data.y_test.to(at), index, masks), 3)
+
     t0 = time.perf_counter()
     try:
-        new, outcome = learn_task(net.to_device(device), owners, index, on_device(task, device), config)
+        new, outcome = learn_task(net.to_device(device), owners, index, data, config, on_phase=held_out)
     finally:
         net.to_device("cpu")
     new = [o.cpu() for o in new]
@@ -318,7 +330,7 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
             "reused": dict(outcome.reused), "prune_steps": outcome.prune_steps,
             "phase_seconds": {k: round(v, 1) for k, v in outcome.phase_seconds.items()},
             "phase_validation": {k: round(v, 3) for k, v in outcome.phase_validation.items()},
-            "seconds": time.perf_counter() - t0}
+            "phase_test": phase_test, "seconds": time.perf_counter() - t0}
 
 
 def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: str = "cpu") -> dict:

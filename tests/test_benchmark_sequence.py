@@ -47,6 +47,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, data_dir):
     assert all(z["identical"] for z in resumed.zero_forgetting)
     assert all(t.forecast_after["basis"] for t in resumed.tasks)
     assert all(t.phase_validation["reuse"] == round(t.validation_accuracy, 3) for t in resumed.tasks)
+    # test accuracy per phase (reported only): the same phases, ending at the network whose test accuracy is recorded
+    assert all(list(t.phase_test) == list(t.phase_validation) for t in resumed.tasks)
+    assert all(t.phase_test["reuse"] == round(t.test_accuracy, 3) for t in resumed.tasks)
 
 
 def test_other_settings_are_refused(tmp_path, data_dir):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -206,11 +207,15 @@ def _in_units_view(w: torch.Tensor, in_units: int) -> torch.Tensor:
 
 
 def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
-               show_progress: bool = False) -> tuple[list[torch.Tensor], TaskOutcome]:
+               show_progress: bool = False,
+               on_phase: Callable[[str, list[torch.Tensor]], None] | None = None) -> tuple[list[torch.Tensor], TaskOutcome]:
     """Learn task `task` (its head already added to `net`) into the FREE units; returns new owners.
 
     `data` has x_train, y_train, x_val, y_val as tensors (raw features, int64 labels). `net` is changed
     in place; earlier tasks' units, heads and preprocessing are never written.
+    on_phase(name, masks), if given, is called at the end of each phase ("train", "prune", "fine-tune", "reuse")
+    with the task's masks as the network then stands, for reports (a benchmark's held-out accuracy per phase);
+    nothing it does feeds back into learning.
     Raises CapacityExhaustedError if a layer has no FREE unit (before anything changes).
     """
     check_capacity(net, owners)
@@ -233,6 +238,8 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     t_phase = time.perf_counter()
     dense_acc = accuracy(net, data.x_val, data.y_val, task, all_on)
     phase_acc = {"train": dense_acc}
+    report = on_phase or (lambda name, masks: None)
+    report("train", all_on)
     teacher = tr.logits(data.x_train, all_on) if config.distill > 0 else None
 
     # ---- 3. prune with graceful forgetting --------------------------------------------------------
@@ -254,6 +261,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
     phases["prune"] = time.perf_counter() - t_phase
     phase_acc["prune"] = pruned_acc
+    report("prune", task_masks(owners, task))
     t_phase = time.perf_counter()
     logger.info("task %d: dense %.2f%%, pruned %.2f%% after %d step(s), kept %s", task, dense_acc, pruned_acc,
                 result.steps, [int((o == task).sum()) for o in owners])
@@ -272,6 +280,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
 
     phases["fine-tune"] = time.perf_counter() - t_phase
     phase_acc["fine-tune"] = pruned_acc  # the better of pruned and fine-tuned
+    report("fine-tune", task_masks(owners, task))
     t_phase = time.perf_counter()
 
     # ---- 5. prune task t's connections from earlier units (the reuse measure) -----------------
@@ -282,6 +291,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
 
     phases["reuse"] = time.perf_counter() - t_phase
     phase_acc["reuse"] = pruned_acc
+    report("reuse", task_masks(owners, task))
     if config.reuse_measure == "signal":
         reused = reuse_by_signal(net, owners, task, data.x_train[: config.activity_samples], config.reuse_signal_tail)
     else:
