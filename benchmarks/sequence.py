@@ -313,11 +313,11 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
     if index != t:
         raise RuntimeError(f"head {index} added for task {t}")
     data = on_device(task, device)
+    x_test, y_test = task.x_test.to(device), task.y_test.to(device)  # moved once, read after each phase
     phase_test: dict[str, float] = {}
 
     def held_out(name, masks):  # test accuracy at the end of a phase (on the training device): recorded, never chosen on
-        at = masks[0].device
-        phase_test[name] = round(accuracy(net, data.x_test.to(at), data.y_test.to(at), index, masks), 3)
+        phase_test[name] = round(accuracy(net, x_test, y_test, index, masks), 3)
 
     t0 = time.perf_counter()
     try:
