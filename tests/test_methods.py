@@ -23,10 +23,11 @@ NETWORK = "mlp:784-64-64"
 FAST = dict(epochs=2, batch_size=64, learning_rate=0.002, recovery_epochs=2.0, max_prune_steps=6, max_drop=1.0)
 METHODS = [(name, {}) for name in sorted(PRESETS)] + [
     ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
-    ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"})]
+    ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"}), ("default", {"isolate": True})]
 
 
-@pytest.mark.parametrize("name,overrides", METHODS, ids=[f"{n}-{'-'.join(o.values()) or 'as-is'}" for n, o in METHODS])
+@pytest.mark.parametrize("name,overrides", METHODS,
+                         ids=[f"{n}-{'-'.join(str(v) for v in o.values()) or 'as-is'}" for n, o in METHODS])
 def test_method_keeps_the_invariants(name, overrides, tmp_path, data_dir):
     config = preset(name, **{**FAST, **overrides}) if name != "reference" else preset(name, epochs=2, batch_size=64, **overrides)
     root = tmp_path / "repo"
@@ -50,6 +51,12 @@ def test_method_keeps_the_invariants(name, overrides, tmp_path, data_dir):
         assert torch.count_nonzero(net.weights[i].detach()[rows][:, cols]) == 0
     for i, o in enumerate(owners):
         assert torch.count_nonzero(net.weights[i].detach()[o == FREE]) == 0  # FREE rows hold nothing either
+    if config.isolate:  # the second task reads nothing from the first task's units, in any layer or its head
+        for i in range(1, len(owners)):
+            rows, cols = owners[i] == 1, owners[i - 1] == 0
+            assert rows.any() and torch.count_nonzero(net.weights[i].detach()[rows][:, cols]) == 0
+        assert torch.count_nonzero(net.head_weights[1].detach()[:, owners[-1] == 0]) == 0
+        assert set(second.outcome.reused.values()) == {0}
     assert all(0 < k < 64 for k in first.outcome.units_kept.values()), first.outcome.units_kept
     assert all(0 <= k < 64 for k in second.outcome.units_kept.values())  # it may live on reused units alone
     for outcome in (first.outcome, second.outcome):

@@ -161,6 +161,9 @@ def cli(verbose: bool) -> None:
 @click.option("--no-connection-pruning", is_flag=True,
               help="Skip pruning the task's connections from earlier units (then 'reused' counts every "
                    "earlier unit connected at all).")
+@click.option("--isolate", is_flag=True,
+              help="Learn the task as its own subnetwork: it reads none of the earlier tasks' units (no feature "
+                   "reuse, 0 reused). Earlier tasks are unaffected either way.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Train on the first N training samples only (quick runs).")
 @click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,
@@ -177,7 +180,7 @@ def cli(verbose: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
                  learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-                 reuse_measure, precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json, progress):
+                 reuse_measure, precision, no_connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
     The first call creates the repository and the network. Every earlier task is checked to be
@@ -197,16 +200,16 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
                   distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-                  reuse_measure, precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json,
-                  progress, quiet=world is not None and not world.is_main)
+                  reuse_measure, precision, no_connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
+                  device, as_json, progress, quiet=world is not None and not world.is_main)
     finally:
         distributed.shutdown()
 
 
 def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
               learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-              reuse_measure, precision, no_connection_pruning, limit, seed, data_dir, label_column, retention, device, as_json,
-              progress, quiet):
+              reuse_measure, precision, no_connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
+              device, as_json, progress, quiet):
     from trainer.clnp import preset as make_config
     from trainer.pipeline import add_task
 
@@ -215,7 +218,8 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill,
         recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, reuse_max_drop=reuse_max_drop,
-        reuse_measure=reuse_measure, precision=precision, prune_connections=False if no_connection_pruning else None, seed=seed))
+        reuse_measure=reuse_measure, precision=precision, prune_connections=False if no_connection_pruning else None,
+        isolate=True if isolate else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress
     result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,
                                    data_dir=data_dir, label_column=label_column, retention=retention,

@@ -9,6 +9,9 @@ Learning task t (see `learn_task`):
    units' activations). Only FREE units' incoming weights/biases and head t receive gradients (a fresh
    optimizer, no weight decay: entries whose gradient is always zero stay bit-identical). Earlier units'
    rows are never touched, and their incoming connections from FREE units are zero and stay zero.
+   With `config.isolate`, connections from earlier tasks' units into the FREE units and head t start at zero and
+   stay there: the task is learned as its own subnetwork, reads no earlier features, and reuses nothing (steps 5
+   and 6 are skipped; it reports 0 reused). Earlier tasks are unaffected either way.
 3. Prune with graceful forgetting: a unit score (`config.score`, see trainer.pruning) and a schedule
    (`config.schedule`) decide which FREE units the task keeps while validation accuracy stays within
    `max_drop` points of the unpruned (dense) network. The iterative schedule retrains after each step,
@@ -84,6 +87,7 @@ class CLNPConfig:
     reuse_max_drop: float = 0.0  # accuracy points that connection pruning may cost, from the fine-tuned accuracy
     reuse_measure: str = "signal"  # what "reused" counts: "connections" or "signal" (REUSE_MEASURES)
     reuse_signal_tail: float = 0.05  # "signal": share of the task's incoming signal the uncounted earlier units carry
+    isolate: bool = False  # the task reads no earlier task's units: its own subnetwork, no feature reuse (see step 2)
     activity_samples: int = 10000  # training samples a unit score looks at
     precision: str = "fp32"  # training steps' arithmetic: "fp32" or "bf16" (trainer.training.PRECISIONS)
     seed: int = 0  # seeds initialisation, data order and dropout
@@ -224,12 +228,14 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     names = net.spec.layer_names
     device = data.x_train.device
     owners = [o.to(device).clone() for o in owners]
-    tr = TaskTrainer(net, owners, task, config.seed, config.batch_size, show_progress)
+    tr = TaskTrainer(net, owners, task, config.seed, config.batch_size, show_progress, isolated=config.isolate)
     for i, o in enumerate(owners):
         net.reinit_units(i, (o == FREE).cpu(), generator=tr.generator)
+    if config.isolate:
+        cut_earlier_connections(net, owners, task)
 
-    # ---- 2. learn the task in the FREE units (every unit visible) -------------------------------
-    all_on = [torch.ones(len(o), device=device) for o in owners]
+    # ---- 2. learn the task in the FREE units (every unit visible; isolated, every FREE unit) --------
+    all_on = [torch.ones(len(o), device=device) if not config.isolate else (o == FREE).float() for o in owners]
     params, grad_masks = tr.free_unit_parameters()
     free = [(o == FREE) for o in owners]
     epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, all_on,
@@ -243,7 +249,8 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     teacher = tr.logits(data.x_train, all_on) if config.distill > 0 else None
 
     # ---- 3. prune with graceful forgetting --------------------------------------------------------
-    earlier = [o != FREE for o in owners]
+    # what the task sees besides its candidates: earlier tasks' units, or isolated, none
+    earlier = [(o != FREE) & (not config.isolate) for o in owners]
     ctx = PruneContext(
         net=net, trainer=tr, task=task, x_train=data.x_train, y_train=data.y_train,
         accuracy=lambda keep: accuracy(net, data.x_val, data.y_val, task, ctx.visible(keep)),
@@ -270,7 +277,8 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     if config.finetune_epochs > 0:
         before = copy.deepcopy(net.state_tensors())
         tr.owners = owners  # the task's units are its own now
-        epoch_seconds += train_compact(tr, [m.bool() for m in task_masks(owners, task)], config.finetune_plan(),
+        seen = [o == task for o in owners] if config.isolate else [m.bool() for m in task_masks(owners, task)]
+        epoch_seconds += train_compact(tr, seen, config.finetune_plan(),
                                        data.x_train, data.y_train, own_units=True, teacher=teacher, desc="fine-tune")
         tuned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
         if tuned_acc < pruned_acc:  # keep the better of the two
@@ -285,14 +293,16 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
 
     # ---- 5. prune task t's connections from earlier units (the reuse measure) -----------------
     fractions = {n: 0.0 for n in names}
-    if config.prune_connections and task > 0:
+    if config.prune_connections and task > 0 and not config.isolate:
         fractions = _prune_reuse_connections(net, owners, task, data, pruned_acc, config.reuse_max_drop)
         pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
 
     phases["reuse"] = time.perf_counter() - t_phase
     phase_acc["reuse"] = pruned_acc
     report("reuse", task_masks(owners, task))
-    if config.reuse_measure == "signal":
+    if config.isolate:
+        reused = {n: 0 for n in names}
+    elif config.reuse_measure == "signal":
         reused = reuse_by_signal(net, owners, task, data.x_train[: config.activity_samples], config.reuse_signal_tail)
     else:
         reused = reuse_counts(net, owners, task)  # where the network is (the owners follow it there)
@@ -338,6 +348,20 @@ def zero_free_connections(net: MaskedNetwork, owners: list[torch.Tensor], task: 
                 else torch.ones(consumer.shape[0], dtype=torch.bool, device=o.device))
         view = _in_units_view(consumer, len(o))
         view[rows.nonzero().flatten().reshape(-1, 1), free.nonzero().flatten().reshape(1, -1)] = 0.0
+
+
+@torch.no_grad()
+def cut_earlier_connections(net: MaskedNetwork, owners: list[torch.Tensor], task: int) -> None:
+    """Zero every connection from an earlier task's unit into a FREE unit or into head `task` (isolated learning).
+
+    Only FREE units' rows and the new head are written, so earlier tasks stay bit-identical.
+    """
+    for i in range(1, len(owners)):
+        rows, cols = owners[i] == FREE, owners[i - 1] != FREE
+        view = _in_units_view(net.weights[i], len(owners[i - 1]))
+        view[rows.nonzero().flatten().reshape(-1, 1), cols.nonzero().flatten().reshape(1, -1)] = 0.0
+    hw = _in_units_view(net.head_weights[task], len(owners[-1]))
+    hw[:, owners[-1] != FREE] = 0.0
 
 
 @torch.no_grad()

@@ -86,14 +86,17 @@ class TaskTrainer:
     The parameter sets are built from ownership (`owners[i]`: owner per unit of hidden layer i):
     - `free_unit_parameters`: the FREE units' incoming weights and biases, and the task's head;
     - `own_unit_parameters`: the task's own units (after pruning), minus connections from FREE units.
+    With `isolated`, neither set holds a connection from an earlier task's unit (into the task's units or its
+    head): the task reads no earlier features, and those entries stay at the zero `learn_task` set.
     """
 
     def __init__(self, net: MaskedNetwork, owners: list[torch.Tensor], task: int, seed: int, batch_size: int,
                  show_progress: bool = False, generator: torch.Generator | None = None,
-                 dropout_generator: torch.Generator | None = None):
+                 dropout_generator: torch.Generator | None = None, isolated: bool = False):
         from trainer.distributed import world
 
         self.net, self.owners, self.task = net, owners, task
+        self.isolated = isolated
         self.batch_size = batch_size
         self.world = world()  # set under torchrun: batches are sharded and gradients all-reduced (trainer.distributed)
         self.show_progress = show_progress and (self.world is None or self.world.is_main)
@@ -114,10 +117,19 @@ class TaskTrainer:
         for i, o in enumerate(self.owners):
             free = o == FREE
             params += [net.weights[i], net.biases[i]]
-            grad_masks += [row_mask(net.weights[i], free), free.float()]
+            m = row_mask(net.weights[i], free)
+            if i > 0 and self.isolated:
+                m = m * column_mask(net.weights[i], len(self.owners[i - 1]), self._readable(i - 1))
+            grad_masks += [m, free.float()]
         params += [net.head_weights[t], net.head_biases[t]]
-        grad_masks += [None, None]
+        hw = net.head_weights[t]
+        grad_masks += [column_mask(hw, len(self.owners[-1]), self._readable(-1)) if self.isolated else None, None]
         return params, grad_masks
+
+    def _readable(self, i: int) -> torch.Tensor:
+        """Units of hidden layer i whose output the task may read (FREE included): all, or isolated, not earlier tasks'."""
+        o = self.owners[i]
+        return (o == FREE) | (o == self.task) if self.isolated else torch.ones_like(o, dtype=torch.bool)
 
     def own_unit_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Parameters and gradient masks for tuning the task's own units; connections from FREE units stay zero."""
@@ -127,12 +139,12 @@ class TaskTrainer:
             w = net.weights[i]
             m = row_mask(w, o == t)
             if i > 0:
-                m = m * column_mask(w, len(self.owners[i - 1]), self.owners[i - 1] != FREE)
+                m = m * column_mask(w, len(self.owners[i - 1]), self._readable(i - 1) & (self.owners[i - 1] != FREE))
             params += [w, net.biases[i]]
             grad_masks += [m, (o == t).float()]
         hw = net.head_weights[t]
         params += [hw, net.head_biases[t]]
-        grad_masks += [column_mask(hw, len(self.owners[-1]), self.owners[-1] != FREE), None]
+        grad_masks += [column_mask(hw, len(self.owners[-1]), self._readable(-1) & (self.owners[-1] != FREE)), None]
         return params, grad_masks
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -330,7 +342,7 @@ def train_compact(trainer: "TaskTrainer", visible: list[torch.Tensor], plan: Epo
 
     ct = compact_task(trainer.net, trainer.owners, trainer.task, visible)
     small = TaskTrainer(ct.net, ct.owners, 0, 0, trainer.batch_size, trainer.show_progress, generator=trainer.generator,
-                        dropout_generator=trainer.dropout_generator)
+                        dropout_generator=trainer.dropout_generator, isolated=trainer.isolated)
     params, grad_masks = small.own_unit_parameters() if own_units else small.free_unit_parameters()
     ones = [torch.ones(len(o), device=o.device) for o in ct.owners]
     def back_at_target() -> bool:
