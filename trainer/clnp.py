@@ -210,6 +210,11 @@ def _in_units_view(w: torch.Tensor, in_units: int) -> torch.Tensor:
     return w.reshape(w.shape[0], in_units, -1)
 
 
+def _zero_block(view: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Zero the connections of an (out, in_units, k) view from the `cols` input units into the `rows` outputs."""
+    view[rows.nonzero().flatten().reshape(-1, 1), cols.nonzero().flatten().reshape(1, -1)] = 0.0
+
+
 def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
                show_progress: bool = False,
                on_phase: Callable[[str, list[torch.Tensor]], None] | None = None) -> tuple[list[torch.Tensor], TaskOutcome]:
@@ -235,18 +240,18 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         cut_earlier_connections(net, owners, task)
 
     # ---- 2. learn the task in the FREE units (every unit visible; isolated, every FREE unit) --------
-    all_on = [torch.ones(len(o), device=device) if not config.isolate else (o == FREE).float() for o in owners]
+    dense_masks = [torch.ones(len(o), device=device) if not config.isolate else (o == FREE).float() for o in owners]
     params, grad_masks = tr.free_unit_parameters()
     free = [(o == FREE) for o in owners]
-    epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, all_on,
+    epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, dense_masks,
                                   penalty_units=[f.float() for f in free], desc="train")
     phases = {"train": time.perf_counter() - t0}
     t_phase = time.perf_counter()
-    dense_acc = accuracy(net, data.x_val, data.y_val, task, all_on)
+    dense_acc = accuracy(net, data.x_val, data.y_val, task, dense_masks)
     phase_acc = {"train": dense_acc}
     report = on_phase or (lambda name, masks: None)
-    report("train", all_on)
-    teacher = tr.logits(data.x_train, all_on) if config.distill > 0 else None
+    report("train", dense_masks)
+    teacher = tr.logits(data.x_train, dense_masks) if config.distill > 0 else None
 
     # ---- 3. prune with graceful forgetting --------------------------------------------------------
     # what the task sees besides its candidates: earlier tasks' units, or isolated, none
@@ -346,8 +351,7 @@ def zero_free_connections(net: MaskedNetwork, owners: list[torch.Tensor], task: 
         # Rows of earlier tasks' units already hold zeros there and are never written.
         rows = ((owners[i + 1] == FREE) | (owners[i + 1] == task) if i + 1 < len(owners)
                 else torch.ones(consumer.shape[0], dtype=torch.bool, device=o.device))
-        view = _in_units_view(consumer, len(o))
-        view[rows.nonzero().flatten().reshape(-1, 1), free.nonzero().flatten().reshape(1, -1)] = 0.0
+        _zero_block(_in_units_view(consumer, len(o)), rows, free)
 
 
 @torch.no_grad()
@@ -358,8 +362,7 @@ def cut_earlier_connections(net: MaskedNetwork, owners: list[torch.Tensor], task
     """
     for i in range(1, len(owners)):
         rows, cols = owners[i] == FREE, owners[i - 1] != FREE
-        view = _in_units_view(net.weights[i], len(owners[i - 1]))
-        view[rows.nonzero().flatten().reshape(-1, 1), cols.nonzero().flatten().reshape(1, -1)] = 0.0
+        _zero_block(_in_units_view(net.weights[i], len(owners[i - 1])), rows, cols)
     hw = _in_units_view(net.head_weights[task], len(owners[-1]))
     hw[:, owners[-1] != FREE] = 0.0
 
