@@ -120,6 +120,24 @@ def forecast_check(r: RunRecord, after: int = 10) -> dict | None:
     }
 
 
+PHASES = ("train", "prune", "fine-tune", "reuse")  # learn_task's phases, in order
+
+
+def phase_test_means(r: RunRecord) -> dict | None:
+    """Mean test accuracy at the end of each phase, over the run's tasks that recorded it (`phase_test`): where the
+    held-out accuracy goes. Tasks without an earlier task (task 1) skip connection pruning, so the reuse step is
+    also given over the later tasks alone, paired with their fine-tuned figure."""
+    tasks = [t for t in r.tasks if r.method == "clnp" and set(PHASES) <= set(t.phase_test)]
+    if not tasks:
+        return None
+    later = [t for t in tasks if t.index > 0]
+    steps = [t.phase_test["reuse"] - t.phase_test["fine-tune"] for t in later]
+    return {"tasks": [t.index + 1 for t in tasks],
+            "mean": {p: statistics.fmean(t.phase_test[p] for t in tasks) for p in PHASES},
+            "reuse_step": {"tasks": len(later), "mean": statistics.fmean(steps) if steps else None,
+                           "sem": statistics.stdev(steps) / len(steps) ** 0.5 if len(steps) > 1 else None}}
+
+
 def report_main(folders: list[str], out: Path) -> dict:
     records = []
     for f in folders:
@@ -149,6 +167,7 @@ def report_main(folders: list[str], out: Path) -> dict:
         "groups": group_rows,
         "runs": [asdict(s) for s in rows],
         "forecasts": [fc | {"folder": str(f)} for f, r in records if (fc := forecast_check(r)) is not None],
+        "phase_test": [pt | {"folder": str(f)} for f, r in records if (pt := phase_test_means(r)) is not None],
         "records": {str(f): asdict(r) for f, r in records},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -190,6 +209,19 @@ def markdown(res: dict, plots: list[str]) -> str:
             L += [f"- Tasks {_ranges(ix)} trained on {'the CPU' if d == 'cpu' else d} (checks and test accuracy "
                   "always on the CPU)." for d, ix in devices.items()]
             L += [f"- {n}" for n in rec.get("notes", [])]
+    if res.get("phase_test"):
+        L += ["", "## Where test accuracy goes (test after each phase, recorded only, never chosen on)", "",
+              "Mean over the tasks that recorded it. `reuse` is after connection pruning (step 5), the network the "
+              "run keeps; the last column pairs it with the fine-tuned network over tasks 2 on (mean ± standard "
+              "error).", "",
+              "| folder | tasks | dense | pruned | fine-tuned | kept | connection pruning, per task |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+        for pt in res["phase_test"]:
+            m, step = pt["mean"], pt["reuse_step"]
+            cut = "—" if step["mean"] is None else (f"{step['mean']:+.3f}" + (
+                f" ± {step['sem']:.3f}" if step["sem"] is not None else "") + f" ({step['tasks']} tasks)")
+            L.append(f"| {Path(pt['folder']).name} | {_ranges(pt['tasks'])} | {m['train']:.2f} | {m['prune']:.2f} | "
+                     f"{m['fine-tune']:.2f} | {m['reuse']:.2f} | {cut} |")
     for fc in res["forecasts"]:
         L += ["", f"## Capacity forecast after task {fc['after_task']} ({fc['folder']})", "",
               f"- `clnp-train capacity` forecast: {fc['forecast_additional_tasks']} more tasks ({fc['basis']}).",

@@ -113,8 +113,17 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     first = res["records"][str(tmp_path / "c0")]["accuracy_rows"][0][0]
     assert clnp["common_per_seed"][0] == first
     assert any(name.startswith("single") for name in groups)
+    # where test accuracy goes: per-phase means over the recorded tasks, and the connection-pruning step over task 2
+    phases = {Path(p["folder"]).name: p for p in res["phase_test"]}
+    assert set(phases) == {"c0", "c1"}  # CLNP runs only
+    tasks = res["records"][str(tmp_path / "c0")]["tasks"]
+    assert phases["c0"]["tasks"] == [1, 2]
+    assert phases["c0"]["mean"]["prune"] == pytest.approx((tasks[0]["phase_test"]["prune"] + tasks[1]["phase_test"]["prune"]) / 2)
+    step = phases["c0"]["reuse_step"]
+    assert step["tasks"] == 1 and step["mean"] == pytest.approx(tasks[1]["phase_test"]["reuse"] - tasks[1]["phase_test"]["fine-tune"])
+    assert phases["c1"]["reuse_step"] == {"tasks": 0, "mean": None, "sem": None}  # task 1 has no connection pruning
     md = (tmp_path / "rep" / "sequence.md").read_text()
-    assert "bit-identical" in md and "FREE after last" in md
+    assert "bit-identical" in md and "FREE after last" in md and "Where test accuracy goes" in md
     for png in ("sequence_free_units.png", "sequence_accuracy.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
