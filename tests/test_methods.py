@@ -257,6 +257,18 @@ def test_default_preset_reports_reuse_by_signal(tmp_path, data_dir):
         assert manifest.tasks[1].reused[name] == second.outcome.reused[name]
         assert 0 < second.outcome.reused[name] <= connected[name] <= int((o == 0).sum())
     assert second.outcome.reused != connected  # the measures differ on a real task
+    # the default prunes no connection (step 5 is off): every earlier unit still feeds task b
+    assert all(f == 0.0 for f in second.outcome.connections_pruned.values())
+    assert connected == {n: int((o == 0).sum()) for n, o in zip(net.spec.layer_names, owners)}
+
+
+def test_connection_pruning_is_on_where_its_measure_needs_it_and_a_bound_needs_it_on():
+    assert not PRESETS["default"].prune_connections
+    assert all(c.prune_connections for c in PRESETS.values() if c.reuse_measure == "connections")
+    with pytest.raises(ConfigError, match="connection pruning"):
+        preset("default", reuse_max_drop=0.1)  # a bound for a step that does not run would be ignored silently
+    assert preset("default", reuse_max_drop=0.1, prune_connections=True).reuse_max_drop == 0.1
+    assert not preset("balanced", prune_connections=False).prune_connections  # the preset's own bound: no error
 
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))

@@ -158,9 +158,10 @@ def cli(verbose: bool) -> None:
               help=f"Arithmetic of the training steps: bf16 runs matrix products in bfloat16 under torch.autocast "
                    f"(weights, gradients and evaluations stay float32; about 2x faster where the CPU has bfloat16 "
                    f"dot products) [default: {_DEFAULTS.precision}].")
-@click.option("--no-connection-pruning", is_flag=True,
-              help="Skip pruning the task's connections from earlier units (then 'reused' counts every "
-                   "earlier unit connected at all).")
+@click.option("--connection-pruning/--no-connection-pruning", default=None,
+              help="Prune the task's connections from earlier units by magnitude, within --reuse-max-drop, after "
+                   "fine-tuning (what the connections measure of reuse counts; without it, that measure counts every "
+                   "earlier unit connected at all) [default: on in balanced, fast and reference, off in default].")
 @click.option("--isolate", is_flag=True,
               help="Learn the task as its own subnetwork: it reads none of the earlier tasks' units (no feature "
                    "reuse, 0 reused). Earlier tasks are unaffected either way.")
@@ -180,7 +181,7 @@ def cli(verbose: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
                  learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-                 reuse_measure, precision, no_connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
+                 reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
     The first call creates the repository and the network. Every earlier task is checked to be
@@ -200,7 +201,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
                   distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-                  reuse_measure, precision, no_connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
+                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
                   device, as_json, progress, quiet=world is not None and not world.is_main)
     finally:
         distributed.shutdown()
@@ -208,7 +209,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
 
 def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
               learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
-              reuse_measure, precision, no_connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
+              reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
               device, as_json, progress, quiet):
     from trainer.clnp import preset as make_config
     from trainer.pipeline import add_task
@@ -218,7 +219,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill,
         recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, reuse_max_drop=reuse_max_drop,
-        reuse_measure=reuse_measure, precision=precision, prune_connections=False if no_connection_pruning else None,
+        reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning,
         isolate=True if isolate else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress
     result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,

@@ -18,13 +18,16 @@ Learning task t (see `learn_task`):
    distilling from the dense network's logits. The kept units become task t's; pruned units' incoming
    and outgoing connections are zeroed.
 4. Fine-tune task t's units (connections from FREE units held at zero), kept only if it helps.
-5. Connection pruning: task t's connections from earlier tasks' units are pruned by magnitude while
-   validation accuracy stays within `reuse_max_drop` points of the fine-tuned network.
+5. Connection pruning (`config.prune_connections`; off in the default preset): task t's connections from earlier
+   tasks' units are pruned by magnitude while validation accuracy stays within `reuse_max_drop` points of the
+   fine-tuned network. It frees no unit. At `reuse_max_drop=0` it still removes every connection whose removal
+   changes no validation answer, which costs test accuracy that validation cannot show (README.md, "Task sequences"),
+   so it runs only where the "connections" reuse measure needs it.
 6. The reuse measure (`config.reuse_measure`), how many earlier units task t draws on per layer:
    - "connections": the earlier units that keep a connection into task t after step 5;
    - "signal": read-only, the fewest earlier units that carry all but `reuse_signal_tail` of the signal
      into task t's units (see `reuse_by_signal`). It changes no weight, so it costs no accuracy, and it
-     still means something when step 5 removes nothing (`reuse_max_drop=0`).
+     still means something when step 5 does not run.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class CLNPConfig:
     finetune_epochs: int = 60  # epochs of fine-tuning the kept units after pruning (0: none); cheap on the compact copy
     finetune_lr: float = 0.001  # Adam's step size while fine-tuning
     finetune_lr_schedule: str = "cosine"  # learning-rate schedule of the fine-tuning epochs (as lr_schedule)
-    prune_connections: bool = True  # prune task connections from earlier units by magnitude (reuse measure)
+    prune_connections: bool = False  # step 5: prune task connections from earlier units (the "connections" measure)
     reuse_max_drop: float = 0.0  # accuracy points that connection pruning may cost, from the fine-tuned accuracy
     reuse_measure: str = "signal"  # what "reused" counts: "connections" or "signal" (REUSE_MEASURES)
     reuse_signal_tail: float = 0.05  # "signal": share of the task's incoming signal the uncounted earlier units carry
@@ -135,20 +138,21 @@ class CLNPConfig:
 # Named starting points; any option given next to a preset overrides it.
 PRESETS: dict[str, CLNPConfig] = {
     # Dropout, 30 cosine epochs, no L1 penalty; Taylor-scored iterative pruning with recovery distilled from the
-    # dense network, 60 distilled fine-tuning epochs; connection pruning that may cost no validation accuracy, and
-    # the read-only signal measure of reuse. Permuted MNIST, 10 tasks, 3 seeds: README.md, "Task sequences".
+    # dense network, 60 distilled fine-tuning epochs; no connection pruning, and the read-only signal measure of
+    # reuse. Permuted MNIST, 10 tasks: README.md, "Task sequences".
     "default": CLNPConfig(),
     # The default before it: 10 dense and 20 fine-tuning epochs, reuse measured by pruning connections within
     # 0.1 points. About 0.6x the default's time per task; permuted MNIST, 10 tasks, 3 seeds: 98.26.
-    "balanced": CLNPConfig(epochs=10, finetune_epochs=20, reuse_max_drop=0.1, reuse_measure="connections"),
+    "balanced": CLNPConfig(epochs=10, finetune_epochs=20, prune_connections=True, reuse_max_drop=0.1,
+                           reuse_measure="connections"),
     # The balanced preset on a third of its budget: 3 dense epochs, one-epoch recoveries, 5 fine-tuning epochs.
-    "fast": CLNPConfig(epochs=3, learning_rate=0.002, recovery_epochs=1.0, finetune_epochs=5, reuse_max_drop=0.1,
-                       reuse_measure="connections"),
+    "fast": CLNPConfig(epochs=3, learning_rate=0.002, recovery_epochs=1.0, finetune_epochs=5, prune_connections=True,
+                       reuse_max_drop=0.1, reuse_measure="connections"),
     # The method before: L1 activity penalty, mean-activity scores, one-shot bisection, 4 step-decay epochs.
     "reference": CLNPConfig(epochs=4, learning_rate=0.002, lr_schedule="step", dropout=0.0, alpha=1.0,
                             score="activity", schedule="one-shot", max_drop=1.0, distill=0.0, finetune_epochs=2,
-                            finetune_lr=0.001, finetune_lr_schedule="step", reuse_max_drop=0.1,
-                            reuse_measure="connections"),
+                            finetune_lr=0.001, finetune_lr_schedule="step", prune_connections=True,
+                            reuse_max_drop=0.1, reuse_measure="connections"),
 }
 
 # Settings added after runs were recorded, with the value that reproduces what the code did before each existed
@@ -164,7 +168,11 @@ def preset(name: str, **overrides) -> CLNPConfig:
     bad = set(overrides) - known
     if bad:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(bad))}")
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    config = replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    if (overrides.get("reuse_max_drop") or 0) > 0 and not config.prune_connections:
+        raise ConfigError(f"reuse_max_drop {overrides['reuse_max_drop']} bounds connection pruning, which is off in "
+                          f"the {name!r} preset; turn it on as well (prune_connections, --connection-pruning)")
+    return config
 
 
 @dataclass
