@@ -218,8 +218,9 @@ def markdown(res: dict, plots: list[str]) -> str:
               "|---|---|---:|---:|---:|---:|---:|"]
         for pt in res["phase_test"]:
             m, step = pt["mean"], pt["reuse_step"]
+            n = f"{step['tasks']} task{'s' if step['tasks'] != 1 else ''}"
             cut = "—" if step["mean"] is None else (f"{step['mean']:+.3f}" + (
-                f" ± {step['sem']:.3f}" if step["sem"] is not None else "") + f" ({step['tasks']} task{'s' if step['tasks'] != 1 else ''})")
+                f" ± {step['sem']:.3f}" if step["sem"] is not None else "") + f" ({n})")
             L.append(f"| {Path(pt['folder']).name} | {_ranges(pt['tasks'])} | {m['train']:.2f} | {m['prune']:.2f} | "
                      f"{m['fine-tune']:.2f} | {m['reuse']:.2f} | {cut} |")
     for fc in res["forecasts"]:

@@ -170,8 +170,8 @@ def preset(name: str, **overrides) -> CLNPConfig:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(bad))}")
     config = replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
     if (overrides.get("reuse_max_drop") or 0) > 0 and not config.prune_connections:
-        raise ConfigError(f"reuse_max_drop {overrides['reuse_max_drop']} bounds connection pruning, which is off in "
-                          f"the {name!r} preset; turn it on as well (prune_connections, --connection-pruning)")
+        raise ConfigError(f"reuse_max_drop {overrides['reuse_max_drop']} bounds connection pruning, which is off "
+                          "here; turn it on as well (--connection-pruning, or prune_connections=true)")
     return config
 
 
