@@ -161,7 +161,8 @@ def cli(verbose: bool) -> None:
 @click.option("--connection-pruning/--no-connection-pruning", default=None,
               help="Prune the task's connections from earlier units by magnitude, within --reuse-max-drop, after "
                    "fine-tuning (what the connections measure of reuse counts; without it, that measure counts every "
-                   "earlier unit connected at all) [default: on in balanced, fast and reference, off in default].")
+                   "earlier unit connected at all) [default: on in "
+                   f"{', '.join(n for n, c in _PRESETS.items() if c.prune_connections)}, off in the others].")
 @click.option("--isolate", is_flag=True,
               help="Learn the task as its own subnetwork: it reads none of the earlier tasks' units (no feature "
                    "reuse, 0 reused). Earlier tasks are unaffected either way.")

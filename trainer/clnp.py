@@ -155,9 +155,10 @@ PRESETS: dict[str, CLNPConfig] = {
                             reuse_max_drop=0.1, reuse_measure="connections"),
 }
 
-# Settings added after runs were recorded, with the value that reproduces what the code did before each existed
-# (a record without the key ran that way). Fields not listed here kept their default since they were added.
-SETTINGS_BEFORE_THEY_EXISTED: dict[str, object] = {"reuse_measure": "connections", "precision": "fp32"}
+# Settings added after runs were recorded, or whose default changed since, with the value that reproduces what the
+# code did before (a record without the key ran that way). Fields not listed here kept their default throughout.
+SETTINGS_BEFORE_THEY_EXISTED: dict[str, object] = {"reuse_measure": "connections", "precision": "fp32",
+                                                   "prune_connections": True}
 
 
 def preset(name: str, **overrides) -> CLNPConfig:
