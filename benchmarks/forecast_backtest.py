@@ -92,7 +92,7 @@ def report(folders: list[Path], start: int) -> str:
              f"Made by `python benchmarks/forecast_backtest.py RUN... --from {start}`: CLNP runs with more than {start} "
              "tasks. Each forecast sees only the first n tasks of a run; the columns after it",
              "are what the rest of the run did. Units are those of the layer with the fewest FREE units.", ""]
-    errors: dict[str, list[float]] = {"trend": [], "recent": []}
+    errors: dict[str, list[float]] = {"trend": [], "recent": []}  # signed, relative to what the rest took
     for folder in folders:
         loaded = load_units(folder)
         if loaded is None:
@@ -106,8 +106,8 @@ def report(folders: list[Path], start: int) -> str:
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for n in range(start, len(owned)):
             r = replay(totals, owned, n)
-            errors["trend"].append(abs(r["trend"] - r["actual"]) / r["actual"] if r["actual"] else 0.0)
-            errors["recent"].append(abs(r["recent"] - r["actual"]) / r["actual"] if r["actual"] else 0.0)
+            errors["trend"].append((r["trend"] - r["actual"]) / r["actual"] if r["actual"] else 0.0)
+            errors["recent"].append((r["recent"] - r["actual"]) / r["actual"] if r["actual"] else 0.0)
             lines.append(f"| {n} | {r['free']} | {r['rest']} | {r['actual']} | {r['trend']:.0f} ({pct(r['trend'], r['actual'])}) "
                          f"| {r['recent']:.0f} ({pct(r['recent'], r['actual'])}) | {r['fit_trend']:.0f} | {r['fit_recent']:.0f} |")
         free_end = {name: totals[name] - sum(o[name] for o in owned) for name in totals}
@@ -119,8 +119,11 @@ def report(folders: list[Path], start: int) -> str:
     if errors["trend"]:
         lines += ["## Summary", "",
                   f"Over {len(errors['trend'])} replayed points, the mean absolute error of the new units the rest of "
-                  f"the run took: trend {100 * statistics.mean(errors['trend']):.0f}%, "
-                  f"recent mean {100 * statistics.mean(errors['recent']):.0f}%.", ""]
+                  f"the run took: trend {100 * statistics.mean(map(abs, errors['trend'])):.0f}%, "
+                  f"recent mean {100 * statistics.mean(map(abs, errors['recent'])):.0f}%. The mean signed error "
+                  f"(positive: the rule expected more units than were taken, so it under-counts the tasks that fit): "
+                  f"trend {100 * statistics.mean(errors['trend']):+.0f}%, "
+                  f"recent mean {100 * statistics.mean(errors['recent']):+.0f}%.", ""]
     return "\n".join(lines)
 
 

@@ -38,7 +38,19 @@ def test_a_power_law_decline_is_recovered_and_projected():
     assert abs(n - expected) <= 1
     # a fixed rate at the recent tasks' size would say far fewer: the decline is what the forecast adds
     assert n > free // (sum(units[-3:]) / 3)
-    assert "decline of the 12 so far" in basis and "b=0.40" in basis
+    assert "decline of tasks 2–12 (task 1 had no earlier unit to reuse)" in basis and "b=0.40" in basis
+
+
+def test_the_first_task_is_not_a_point_of_the_decline():
+    """Task 1 reuses nothing, so it may take any number of units: the trend is that of tasks 2..n."""
+    a, b = 150.0, 0.3
+    later = [round(a * k ** -b - 1) for k in range(2, 11)]
+    for first in (40, 120, 900):
+        fa, fb = unit_trend([first] + later)
+        assert fb == pytest.approx(b, abs=0.01) and fa == pytest.approx(a, rel=0.02)
+    # with TREND_MIN_TASKS tasks there is no later task to spare: task 1 stays in the fit
+    few = [900] + later[: TREND_MIN_TASKS - 1]
+    assert unit_trend(few) != unit_trend([40] + later[: TREND_MIN_TASKS - 1])
 
 
 def test_few_tasks_use_the_plain_mean():
