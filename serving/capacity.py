@@ -97,8 +97,8 @@ def unit_trend(units: list[int]) -> tuple[float, float]:
     and a - 1 is the plain mean. Later tasks reuse more of the earlier ones and take fewer units of their own;
     a power law fits that decline in the measured runs (benchmarks/forecast_backtest.py) where a fixed rate
     does not. Once TREND_MIN_TASKS tasks follow it, the first task is left out of the fit: it had no earlier
-    unit to reuse, so it is not a point of the decline (replayed on the measured runs, leaving it in made the
-    trend expect 11% more units than the later tasks took, on average; leaving it out, 6%). Closed form, a few
+    unit to reuse, so it is not a point of the decline (replayed on 93 points of the measured runs, leaving it in
+    made the trend expect 10% more units than the later tasks took, on average; leaving it out, 6%). Closed form, a few
     lines of arithmetic: no fitting library is needed.
     """
     n = len(units)
