@@ -89,6 +89,12 @@ TREND_MAX_DECLINE = 0.5  # cap on b in a·k^-b: the measured runs fit about 0.5 
 _FORECAST_LIMIT = 1_000_000  # more tasks than this counts as unbounded
 
 
+def first_fitted_task(n: int) -> int:
+    """The first task (from 1) in the trend fitted to `n` tasks: task 1 had no earlier unit to reuse, so it is left
+    out once TREND_MIN_TASKS tasks follow it (see `unit_trend`)."""
+    return 2 if n > TREND_MIN_TASKS else 1
+
+
 def unit_trend(units: list[int]) -> tuple[float, float]:
     """(a, b) such that the k-th task (k from 1) takes about a·k^-b - 1 new units of a layer.
 
@@ -104,11 +110,10 @@ def unit_trend(units: list[int]) -> tuple[float, float]:
     n = len(units)
     if n < TREND_MIN_TASKS:
         return sum(units) / n + 1.0, 0.0
-    first = 2 if n > TREND_MIN_TASKS else 1
+    first = first_fitted_task(n)
     xs = [math.log(k) for k in range(first, n + 1)]
     ys = [math.log(u + 1.0) for u in units[first - 1:]]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     b = min(max(-slope, 0.0), TREND_MAX_DECLINE)
     return math.exp(my + b * mx), b
@@ -157,7 +162,7 @@ def forecast_additional_tasks(layer_units: dict[str, int], free: dict[str, int],
     tail = f"so the next takes {nxt}; {limit} runs out first ({free[limit]} free)"
     if n < TREND_MIN_TASKS:
         return float(count), f"assuming each new task takes the mean new units of the {n} so far, {tail}"
-    seen = f"tasks 2–{n} (task 1 had no earlier unit to reuse)" if n > TREND_MIN_TASKS else f"the {n} so far"
+    seen = f"tasks 2–{n} (task 1 had no earlier unit to reuse)" if first_fitted_task(n) == 2 else f"the {n} so far"
     if all(b == 0.0 for _, b in trends.values()):
         return float(count), f"assuming new tasks take as many new units as {seen} (no decline in them), {tail}"
     law = ", ".join(f"{name} a={a:.0f} b={b:.2f}" for name, (a, b) in trends.items())
