@@ -60,10 +60,15 @@ def _label(r: RunRecord, with_seed: bool) -> str:
     return " ".join(parts)
 
 
-def summarise(folder: Path, r: RunRecord) -> RunSummary:
-    last = r.accuracy_rows[-1] if r.accuracy_rows else []
-    finals = [a if a is not None else t.test_accuracy for a, t in zip(last, r.tasks)] if r.method == "clnp" \
+def _finals(r: RunRecord) -> list[float]:
+    """Each task's test accuracy at the end of the run (CLNP: the last accuracy row; single: as learned)."""
+    last = r.accuracy_rows[-1] if r.method == "clnp" and r.accuracy_rows else []
+    return [a if a is not None else t.test_accuracy for a, t in zip(last, r.tasks)] if last \
         else [t.test_accuracy for t in r.tasks]
+
+
+def summarise(folder: Path, r: RunRecord) -> RunSummary:
+    finals = _finals(r)
     layers = list(r.tasks[0].units_kept) if r.tasks else []
     return RunSummary(
         folder=str(folder), label=_label(r, True), group=_label(r, False), method=r.method, seed=r.seed,
@@ -138,6 +143,33 @@ def phase_test_means(r: RunRecord) -> dict | None:
                            "sem": statistics.stdev(steps) / len(steps) ** 0.5 if len(steps) > 1 else None}}
 
 
+def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
+    """Each CLNP run paired task by task with the single-task reference of the same seed, network, data budget
+    and dense schedule (`DENSE_FIELDS`): CLNP minus reference, over the tasks both have learned. The issue's bar is
+    a mean difference of at least -0.1 points; the standard error is over tasks, within one seed."""
+    singles = [(f, r) for f, r in records if r.method == "single"]
+    pairs = []
+    for f, r in records:
+        if r.method != "clnp":
+            continue
+        for sf, s in singles:
+            if (s.seed, s.network, s.limit) != (r.seed, r.network, r.limit) or \
+                    any(s.config.get(k) != r.config.get(k) for k in DENSE_FIELDS):
+                continue
+            mine, ref = _finals(r), _finals(s)
+            both = [(a, b) for a, b, t, u in zip(mine, ref, r.tasks, s.tasks) if t.source == u.source]
+            if not both:
+                continue
+            d = [a - b for a, b in both]
+            pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "group": _label(r, False),
+                          "tasks": len(both), "clnp_mean": statistics.fmean(a for a, _ in both),
+                          "single_mean": statistics.fmean(b for _, b in both), "difference": statistics.fmean(d),
+                          "sem": statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None,
+                          "tasks_under": sum(1 for x in d if x < 0), "worst": min(d), "best": max(d)})
+            break
+    return pairs
+
+
 def report_main(folders: list[str], out: Path) -> dict:
     records = []
     for f in folders:
@@ -168,6 +200,7 @@ def report_main(folders: list[str], out: Path) -> dict:
         "runs": [asdict(s) for s in rows],
         "forecasts": [fc | {"folder": str(f)} for f, r in records if (fc := forecast_check(r)) is not None],
         "phase_test": [pt | {"folder": str(f)} for f, r in records if (pt := phase_test_means(r)) is not None],
+        "against_single": against_single(records),
         "records": {str(f): asdict(r) for f, r in records},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -223,6 +256,17 @@ def markdown(res: dict, plots: list[str]) -> str:
                 f" ± {step['sem']:.3f}" if step["sem"] is not None else "") + f" ({n})")
             L.append(f"| {Path(pt['folder']).name} | {_ranges(pt['tasks'])} | {m['train']:.2f} | {m['prune']:.2f} | "
                      f"{m['fine-tune']:.2f} | {m['reuse']:.2f} | {cut} |")
+    if res.get("against_single"):
+        L += ["", "## Against the single-task reference (same seed, same tasks, same dense schedule)", "",
+              "CLNP minus the single-task reference, task by task (mean ± standard error over tasks). The bar is "
+              "-0.1 at worst.", "",
+              "| folder | reference | tasks | CLNP | reference | difference | tasks under | range |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+        for p in res["against_single"]:
+            sem = "" if p["sem"] is None else f" ± {p['sem']:.2f}"
+            L.append(f"| {Path(p['folder']).name} | {Path(p['single_folder']).name} | {p['tasks']} | "
+                     f"{p['clnp_mean']:.2f} | {p['single_mean']:.2f} | {p['difference']:+.2f}{sem} | "
+                     f"{p['tasks_under']} | {p['worst']:+.2f} to {p['best']:+.2f} |")
     for fc in res["forecasts"]:
         L += ["", f"## Capacity forecast after task {fc['after_task']} ({fc['folder']})", "",
               f"- `clnp-train capacity` forecast: {fc['forecast_additional_tasks']} more tasks ({fc['basis']}).",

@@ -123,8 +123,18 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     step = phases["c0"]["reuse_step"]
     assert step["tasks"] == 1 and step["mean"] == pytest.approx(recorded[1]["reuse"] - recorded[1]["fine-tune"])
     assert phases["c1"]["reuse_step"] == {"tasks": 0, "mean": None, "sem": None}  # task 1 has no connection pruning
+    # against the single-task reference: only the CLNP run of the reference's seed (0) pairs, task by task, with
+    # CLNP's accuracies at the end of its run
+    (pair,) = res["against_single"]
+    assert Path(pair["folder"]).name == "c0" and Path(pair["single_folder"]).name == "single"
+    ref = [t["test_accuracy"] for t in res["records"][str(tmp_path / "single")]["tasks"]]
+    final = res["records"][str(tmp_path / "c0")]["accuracy_rows"][-1]
+    diffs = [a - b for a, b in zip(final, ref)]
+    assert pair["tasks"] == 2 and pair["difference"] == pytest.approx(sum(diffs) / 2)
+    assert pair["tasks_under"] == sum(d < 0 for d in diffs) and pair["worst"] == pytest.approx(min(diffs))
     md = (tmp_path / "rep" / "sequence.md").read_text()
     assert "bit-identical" in md and "FREE after last" in md and "Where test accuracy goes" in md
+    assert "Against the single-task reference" in md
     for png in ("sequence_free_units.png", "sequence_accuracy.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
