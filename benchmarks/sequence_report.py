@@ -125,6 +125,11 @@ def forecast_check(r: RunRecord, after: int = 10) -> dict | None:
     }
 
 
+def _sem(values: list[float]) -> float | None:
+    """Standard error of the mean (None for fewer than two values)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+
+
 PHASES = ("train", "prune", "fine-tune", "reuse")  # learn_task's phases, in order
 
 
@@ -140,7 +145,7 @@ def phase_test_means(r: RunRecord) -> dict | None:
     return {"tasks": [t.index + 1 for t in tasks],
             "mean": {p: statistics.fmean(t.phase_test[p] for t in tasks) for p in PHASES},
             "reuse_step": {"tasks": len(later), "mean": statistics.fmean(steps) if steps else None,
-                           "sem": statistics.stdev(steps) / len(steps) ** 0.5 if len(steps) > 1 else None}}
+                           "sem": _sem(steps)}}
 
 
 def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
@@ -161,10 +166,9 @@ def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
             if not both:
                 continue
             d = [a - b for a, b in both]
-            pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "group": _label(r, False),
-                          "tasks": len(both), "clnp_mean": statistics.fmean(a for a, _ in both),
+            pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "tasks": len(both), "clnp_mean": statistics.fmean(a for a, _ in both),
                           "single_mean": statistics.fmean(b for _, b in both), "difference": statistics.fmean(d),
-                          "sem": statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None,
+                          "sem": _sem(d),
                           "tasks_under": sum(1 for x in d if x < 0), "worst": min(d), "best": max(d)})
             break
     return pairs
