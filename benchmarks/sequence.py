@@ -77,6 +77,9 @@ class TaskResult:
     # CLNP: the same phases -> test % at their end. Reported only, to show where the held-out accuracy goes (pruning
     # decisions are made on validation, which they therefore flatter); nothing is chosen on it. Empty in older records.
     phase_test: dict = field(default_factory=dict)
+    # CLNP: validation % of a fine-tuned network that ended under the pruned one and was discarded; None when
+    # fine-tuning was kept (and in records made before this was recorded)
+    finetune_discarded: float | None = None
 
 
 @dataclass
@@ -269,7 +272,9 @@ def run(args) -> RunRecord:
         avg = sum(r.test_accuracy for r in record.tasks) / len(record.tasks)
         log(f"task {t + 1}/{record.tasks_planned}: test {done.test_accuracy:.2f}% (dense val "
             f"{done.dense_validation_accuracy:.2f}, val {done.validation_accuracy:.2f}), kept {done.units_kept}, "
-            f"free {done.free_after}, {done.seconds:.0f}s; average so far {avg:.3f}")
+            f"free {done.free_after}, {done.seconds:.0f}s; average so far {avg:.3f}"
+            + ("" if done.finetune_discarded is None else
+               f"; fine-tuning discarded (it ended at val {done.finetune_discarded:.2f})"))
         del task
     return record
 
@@ -330,7 +335,8 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
             "reused": dict(outcome.reused), "prune_steps": outcome.prune_steps,
             "phase_seconds": {k: round(v, 1) for k, v in outcome.phase_seconds.items()},
             "phase_validation": {k: round(v, 3) for k, v in outcome.phase_validation.items()},
-            "phase_test": phase_test, "seconds": time.perf_counter() - t0}
+            "phase_test": phase_test, "seconds": time.perf_counter() - t0,
+            "finetune_discarded": None if outcome.finetune_discarded is None else round(outcome.finetune_discarded, 3)}
 
 
 def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: str = "cpu") -> dict:

@@ -285,3 +285,36 @@ def test_min_units_is_a_floor_that_pruning_never_crosses(schedule, tmp_path, dat
     assert set(kept[1000].values()) == {64}, kept  # a floor above the free units keeps them all
     with pytest.raises(ConfigError, match="min_units"):
         preset("default", min_units=-1)
+
+
+def test_fine_tuning_that_loses_is_discarded_and_recorded(tmp_path, data_dir, monkeypatch):
+    """A fine-tuned network under the pruned one is thrown away: the pruned network is published exactly as it was
+    before fine-tuning, and the outcome and the manifest say what fine-tuning reached."""
+    import trainer.clnp as clnp
+
+    before_fine_tuning = {}
+
+    def ruinous_fine_tuning(tr, visible, plan, x, y, **kwargs):
+        before_fine_tuning.update({k: v.clone() for k, v in tr.net.state_tensors().items()})
+        with torch.no_grad():  # every logit the same: chance accuracy, far under the pruned network
+            tr.net.head_weights[tr.task].zero_()
+            tr.net.head_biases[tr.task].zero_()
+        return []
+
+    monkeypatch.setattr(clnp, "train_compact", ruinous_fine_tuning)
+    root = tmp_path / "repo"
+    result = add_task(root, "a", "permuted-mnist:3", network=NETWORK, config=preset("default", **FAST), limit=1000,
+                      data_dir=str(data_dir))
+    outcome = result.outcome
+    assert before_fine_tuning, "fine-tuning never ran"
+    assert outcome.finetune_discarded is not None and outcome.finetune_discarded < outcome.validation_accuracy
+    assert outcome.phase_validation["fine-tune"] == outcome.phase_validation["prune"]
+
+    repo = ModelRepository.open(root)
+    manifest = repo.read_manifest(1)
+    net, _ = load_network(repo, manifest)
+    published = net.state_tensors()
+    for name in ("heads.0.weight", "heads.0.bias", "layers.0.weight", "layers.1.weight"):
+        assert torch.equal(published[name], before_fine_tuning[name]), name
+    stats = manifest.tasks[0].training
+    assert stats["finetune_discarded_validation_accuracy"] == pytest.approx(outcome.finetune_discarded, abs=1e-4)

@@ -237,7 +237,8 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
             "dense_validation_accuracy": o.dense_validation_accuracy, "units_kept": o.units_kept,
             "free_units": {l.name: l.free for l in m.layers}, "reused": o.reused,
             "epoch_seconds": o.epoch_seconds, "phase_seconds": o.phase_seconds,
-            "phase_validation_accuracy": o.phase_validation, "seconds": result.seconds,
+            "phase_validation_accuracy": o.phase_validation, "finetune_discarded_validation_accuracy": o.finetune_discarded,
+            "seconds": result.seconds,
             "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
             "world_size": result.world_size,
         }, indent=2))
@@ -252,6 +253,9 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         click.echo(f"  {l.name}: kept {o.units_kept[l.name]:>5} units, reuses {o.reused[l.name]:>5} earlier, "
                    f"{l.free:>5} of {l.units} free")
     click.echo("  validation after each phase: " + ", ".join(f"{name} {v:.2f}%" for name, v in o.phase_validation.items()))
+    if o.finetune_discarded is not None:
+        click.echo(f"  fine-tuning ended at {o.finetune_discarded:.2f}% validation, under the pruned network; "
+                   "the pruned network was kept")
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in o.phase_seconds.items())
     click.echo(f"  time: {result.seconds['total']:.1f}s total: {phases}; export {result.seconds['export']:.1f}s")
     click.echo(f"  checks: {result.earlier_tasks_checked} earlier task(s) bit-identical; "

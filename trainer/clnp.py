@@ -192,6 +192,9 @@ class TaskOutcome:
     prune_steps: int = 0  # pruning steps the schedule tried
     phase_seconds: dict[str, float] = field(default_factory=dict)  # "train", "prune", "fine-tune", "reuse" -> wall s
     phase_validation: dict[str, float] = field(default_factory=dict)  # the same phases -> validation % at their end
+    # validation % the fine-tuned network ended at when it was under the pruned one and was therefore discarded
+    # (the pruned network was kept); None when fine-tuning was kept or did not run
+    finetune_discarded: float | None = None
 
 
 def new_owners(net: MaskedNetwork) -> list[torch.Tensor]:
@@ -288,6 +291,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
                 result.steps, [int((o == task).sum()) for o in owners])
 
     # ---- 4. fine-tune the kept units ----------------------------------------------------------
+    discarded = None
     if config.finetune_epochs > 0:
         before = copy.deepcopy(net.state_tensors())
         tr.owners = owners  # the task's units are its own now
@@ -297,6 +301,9 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         tuned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
         if tuned_acc < pruned_acc:  # keep the better of the two
             restore(net, before)
+            discarded = tuned_acc
+            logger.info("task %d: fine-tuning ended at %.2f%% validation, under the pruned network's %.2f%%; "
+                        "kept the pruned network", task, tuned_acc, pruned_acc)
         else:
             pruned_acc = tuned_acc
 
@@ -334,6 +341,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         prune_steps=result.steps,
         phase_seconds=phases,
         phase_validation=phase_acc,
+        finetune_discarded=discarded,
     )
     return owners, outcome
 

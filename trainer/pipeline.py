@@ -245,6 +245,8 @@ def add_task(
                 "epoch_seconds": [round(s, 2) for s in outcome.epoch_seconds],
                 "phase_seconds": {k: round(v, 2) for k, v in outcome.phase_seconds.items()},
                 "phase_validation_accuracy": {k: round(v, 4) for k, v in outcome.phase_validation.items()},
+                "finetune_discarded_validation_accuracy": (None if outcome.finetune_discarded is None
+                                                           else round(outcome.finetune_discarded, 4)),
                 "seconds": round(outcome.seconds, 2),
             },
         )
