@@ -166,7 +166,8 @@ def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
             if not both:
                 continue
             d = [a - b for a, b in both]
-            pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "tasks": len(both), "clnp_mean": statistics.fmean(a for a, _ in both),
+            pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "tasks": len(both),
+                          "clnp_mean": statistics.fmean(a for a, _ in both),
                           "single_mean": statistics.fmean(b for _, b in both), "difference": statistics.fmean(d),
                           "sem": _sem(d),
                           "tasks_under": sum(1 for x in d if x < 0), "worst": min(d), "best": max(d)})
