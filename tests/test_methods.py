@@ -318,3 +318,56 @@ def test_fine_tuning_that_loses_is_discarded_and_recorded(tmp_path, data_dir, mo
         assert torch.equal(published[name], before_fine_tuning[name]), name
     stats = manifest.tasks[0].training
     assert stats["finetune_discarded_validation_accuracy"] == pytest.approx(outcome.finetune_discarded, abs=1e-4)
+
+
+@pytest.mark.parametrize("keep", ["bound", "better"])
+def test_fine_tuning_under_the_pruned_network_but_within_the_bound(tmp_path, data_dir, monkeypatch, keep):
+    """finetune_keep="bound" (the default) keeps a fine-tuned network that ends under the pruned one on validation
+    but within max_drop of the dense one; "better" (the earlier rule, kept by the older presets) discards it."""
+    import trainer.clnp as clnp
+
+    seen = {}
+    real_accuracy = clnp.accuracy
+
+    def marking_fine_tuning(tr, visible, plan, x, y, **kwargs):
+        seen["before"] = tr.net.head_biases[tr.task].detach().clone()
+        with torch.no_grad():  # the same shift on every class: no answer changes, but the weights do
+            tr.net.head_biases[tr.task].add_(0.125)
+        seen["marked"] = tr.net.head_biases[tr.task].detach().clone()
+        return []
+
+    def accuracy(net, x, y, task, masks):
+        acc = real_accuracy(net, x, y, task, masks)
+        if "marked" in seen and "tuned" not in seen:  # the first evaluation after fine-tuning: report it a bit lower
+            seen["pruned"] = acc
+            seen["tuned"] = acc - 0.01
+            return seen["tuned"]
+        return acc
+
+    monkeypatch.setattr(clnp, "train_compact", marking_fine_tuning)
+    monkeypatch.setattr(clnp, "accuracy", accuracy)
+    config = preset("default", **FAST, finetune_keep=keep)
+    result = add_task(tmp_path / "repo", "a", "permuted-mnist:3", network=NETWORK, config=config, limit=1000,
+                      data_dir=str(data_dir))
+    outcome = result.outcome
+    assert "tuned" in seen, "fine-tuning never ran"
+    # the event under test: under the pruned network, within the bound
+    assert outcome.dense_validation_accuracy - config.max_drop <= seen["tuned"] < seen["pruned"]
+    repo = ModelRepository.open(tmp_path / "repo")
+    net, _ = load_network(repo, repo.read_manifest(1))
+    published_bias = net.state_tensors()["heads.0.bias"]
+    if keep == "bound":
+        assert outcome.finetune_discarded is None
+        assert torch.equal(published_bias, seen["marked"])
+        assert outcome.phase_validation["fine-tune"] == seen["tuned"]
+    else:
+        assert outcome.finetune_discarded == seen["tuned"]
+        assert torch.equal(published_bias, seen["before"])
+        assert outcome.phase_validation["fine-tune"] == outcome.phase_validation["prune"]
+
+
+def test_finetune_keep_is_checked_and_the_older_presets_keep_the_older_rule():
+    with pytest.raises(ConfigError, match="finetune_keep"):
+        preset("default", finetune_keep="sometimes")
+    assert preset("default").finetune_keep == "bound"
+    assert {preset(n).finetune_keep for n in ("balanced", "fast", "reference")} == {"better"}

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from trainer.clnp import PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES, CLNPConfig
+from trainer.clnp import FINETUNE_KEEP as _FINETUNE_KEEP, PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES, CLNPConfig
 from trainer.pruning import SCHEDULES as _SCHEDULES, SCORES as _SCORES
 
 EXIT_FAILURE = 1
@@ -147,6 +147,10 @@ def cli(verbose: bool) -> None:
               help=f"Samples per training step [default: {_DEFAULTS.batch_size}].")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=None,
               help=f"Epochs of fine-tuning the task's units after pruning [default: {_DEFAULTS.finetune_epochs}].")
+@click.option("--finetune-keep", type=click.Choice(list(_FINETUNE_KEEP)), default=None,
+              help="When the fine-tuned network replaces the pruned one: bound (its validation accuracy is within "
+                   "--max-drop of the unpruned network's, or over the pruned one's) or better (not under the pruned "
+                   f"one's) [default: {_DEFAULTS.finetune_keep}].")
 @click.option("--reuse-max-drop", type=click.FloatRange(min=0, max=100), default=None,
               help=f"Accuracy points the connection pruning behind the reuse measure may cost "
                    f"[default: {_DEFAULTS.reuse_max_drop}].")
@@ -181,7 +185,7 @@ def cli(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
-                 learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
+                 learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
@@ -201,7 +205,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     world = distributed.init_from_environment(device)
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
-                  distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
+                  distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
                   device, as_json, progress, quiet=world is not None and not world.is_main)
     finally:
@@ -209,7 +213,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
 
 
 def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
-              learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, reuse_max_drop,
+              learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
               reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
               device, as_json, progress, quiet):
     from trainer.clnp import preset as make_config
@@ -219,7 +223,8 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill,
-        recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, reuse_max_drop=reuse_max_drop,
+        recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
+        reuse_max_drop=reuse_max_drop,
         reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning,
         isolate=True if isolate else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress
@@ -254,8 +259,9 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
                    f"{l.free:>5} of {l.units} free")
     click.echo("  validation after each phase: " + ", ".join(f"{name} {v:.2f}%" for name, v in o.phase_validation.items()))
     if o.finetune_discarded is not None:
-        click.echo(f"  fine-tuning ended at {o.finetune_discarded:.2f}% validation, under the pruned network; "
-                   "the pruned network was kept")
+        click.echo(f"  fine-tuning ended at {o.finetune_discarded:.2f}% validation, under the pruned network"
+                   + (f" and more than {config.max_drop} points under the unpruned one"
+                      if config.finetune_keep == "bound" else "") + "; the pruned network was kept")
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in o.phase_seconds.items())
     click.echo(f"  time: {result.seconds['total']:.1f}s total: {phases}; export {result.seconds['export']:.1f}s")
     click.echo(f"  checks: {result.earlier_tasks_checked} earlier task(s) bit-identical; "
