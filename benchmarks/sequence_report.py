@@ -166,7 +166,10 @@ def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
             if not both:
                 continue
             d = [a - b for a, b in both]
+            kept = [sum(t.units_kept.values()) / len(t.units_kept) for t in r.tasks[:len(both)]]
             pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "tasks": len(both),
+                          "group": _label(r, with_seed=False), "limit": r.limit,
+                          "units_per_task": statistics.fmean(kept),
                           "clnp_mean": statistics.fmean(a for a, _ in both),
                           "single_mean": statistics.fmean(b for _, b in both), "difference": statistics.fmean(d),
                           "sem": _sem(d),
@@ -210,7 +213,7 @@ def report_main(folders: list[str], out: Path) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "sequence.json").write_text(json.dumps(result, indent=1))
-    plots = make_plots(records, out)
+    plots = make_plots(records, out) + tradeoff_plot(result["against_single"], out)
     (out / "sequence.md").write_text(markdown(result, plots))
     print(f"wrote {out / 'sequence.json'}, {out / 'sequence.md'} and {len(plots)} plot(s)")
     return result
@@ -265,13 +268,16 @@ def markdown(res: dict, plots: list[str]) -> str:
         L += ["", "## Against the single-task reference (same seed, same tasks, same dense schedule)", "",
               "CLNP minus the single-task reference, task by task (mean ± standard error over tasks). The bar is "
               "-0.1 at worst.", "",
-              "| folder | reference | tasks | CLNP | reference | difference | tasks under | range |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+              "| folder | reference | tasks | CLNP | reference | difference | tasks under | range | units per task |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|"]
         for p in res["against_single"]:
             sem = "" if p["sem"] is None else f" ± {p['sem']:.2f}"
             L.append(f"| {Path(p['folder']).name} | {Path(p['single_folder']).name} | {p['tasks']} | "
                      f"{p['clnp_mean']:.2f} | {p['single_mean']:.2f} | {p['difference']:+.2f}{sem} | "
-                     f"{p['tasks_under']} | {p['worst']:+.2f} to {p['best']:+.2f} |")
+                     f"{p['tasks_under']} | {p['worst']:+.2f} to {p['best']:+.2f} | {p['units_per_task']:.0f} |")
+        if "sequence_tradeoff.png" in plots:
+            L += ["", "Units per task is the mean over the paired tasks and the hidden layers. Runs of 7 or more "
+                  "paired tasks with all training data, as a picture:", "", "![](sequence_tradeoff.png)"]
     for fc in res["forecasts"]:
         L += ["", f"## Capacity forecast after task {fc['after_task']} ({fc['folder']})", "",
               f"- `clnp-train capacity` forecast: {fc['forecast_additional_tasks']} more tasks ({fc['basis']}).",
@@ -363,3 +369,38 @@ def make_plots(records, out: Path) -> list[str]:
     plt.close(fig)
     names.append("sequence_accuracy.png")
     return names
+
+
+def tradeoff_plot(pairs: list[dict], out: Path, min_tasks: int = 7, all_data_only: bool = True) -> list[str]:
+    """Accuracy against capacity: each CLNP run's mean difference to the single-task reference (± standard error
+    over tasks) against the units a task kept, one colour per setting; runs with all training data and at least
+    `min_tasks` paired tasks (`all_data_only=False`: runs on part of the data too). The issue's bar (-0.1) is the
+    dashed line."""
+    shown = [p for p in pairs if p["tasks"] >= min_tasks and p["sem"] is not None
+             and not (all_data_only and p["limit"])]
+    if not shown:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 7))
+    groups = sorted({p["group"] for p in shown})
+    for i, g in enumerate(groups):
+        mine = [p for p in shown if p["group"] == g]
+        ax.errorbar([p["units_per_task"] for p in mine], [p["difference"] for p in mine],
+                    yerr=[p["sem"] for p in mine], fmt="o", color=f"C{i % 10}", capsize=3, label=g)
+        for p in mine:
+            ax.annotate(f"s{p['seed']} ({p['tasks']})", (p["units_per_task"], p["difference"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.axhline(-0.1, color="grey", linestyle="--", linewidth=0.8, label="bar: 0.1 under single-task")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("units a task kept (mean over tasks and layers)")
+    ax.set_ylabel("CLNP minus single-task, test accuracy (points)")
+    ax.set_title("Accuracy against capacity, paired with the single-task reference (seed (tasks))")
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(out / "sequence_tradeoff.png", dpi=110)
+    plt.close(fig)
+    return ["sequence_tradeoff.png"]

@@ -132,11 +132,19 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     diffs = [a - b for a, b in zip(final, ref)]
     assert pair["tasks"] == 2 and pair["difference"] == pytest.approx(sum(diffs) / 2)
     assert pair["tasks_under"] == sum(d < 0 for d in diffs) and pair["worst"] == pytest.approx(min(diffs))
+    kept = [t["units_kept"] for t in tasks]
+    assert pair["units_per_task"] == pytest.approx(sum(sum(k.values()) / len(k) for k in kept) / 2)
     md = (tmp_path / "rep" / "sequence.md").read_text()
     assert "bit-identical" in md and "FREE after last" in md and "Where test accuracy goes" in md
     assert "Against the single-task reference" in md
     for png in ("sequence_free_units.png", "sequence_accuracy.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # accuracy against capacity: drawn for runs of 7 or more paired tasks on all the data (none here), or as asked
+    from benchmarks.sequence_report import tradeoff_plot
+
+    assert not (tmp_path / "rep" / "sequence_tradeoff.png").exists()
+    assert tradeoff_plot(res["against_single"], tmp_path / "rep", min_tasks=2, all_data_only=False) == ["sequence_tradeoff.png"]
+    assert (tmp_path / "rep" / "sequence_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_on_another_machine_recomputes_the_probes(tmp_path, data_dir):
