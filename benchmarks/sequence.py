@@ -80,6 +80,8 @@ class TaskResult:
     # CLNP: validation % of a fine-tuned network that ended under the pruned one and was discarded; None when
     # fine-tuning was kept (and in records made before this was recorded)
     finetune_discarded: float | None = None
+    # CLNP with teacher "full": validation % of the network trained on the task alone that taught it; None otherwise
+    teacher_validation: float | None = None
 
 
 @dataclass
@@ -274,7 +276,8 @@ def run(args) -> RunRecord:
             f"{done.dense_validation_accuracy:.2f}, val {done.validation_accuracy:.2f}), kept {done.units_kept}, "
             f"free {done.free_after}, {done.seconds:.0f}s; average so far {avg:.3f}"
             + ("" if done.finetune_discarded is None else
-               f"; fine-tuning discarded (it ended at val {done.finetune_discarded:.2f})"))
+               f"; fine-tuning discarded (it ended at val {done.finetune_discarded:.2f})")
+            + ("" if done.teacher_validation is None else f"; teacher val {done.teacher_validation:.2f}"))
         del task
     return record
 
@@ -336,7 +339,8 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
             "phase_seconds": {k: round(v, 1) for k, v in outcome.phase_seconds.items()},
             "phase_validation": {k: round(v, 3) for k, v in outcome.phase_validation.items()},
             "phase_test": phase_test, "seconds": time.perf_counter() - t0,
-            "finetune_discarded": None if outcome.finetune_discarded is None else round(outcome.finetune_discarded, 3)}
+            "finetune_discarded": None if outcome.finetune_discarded is None else round(outcome.finetune_discarded, 3),
+            "teacher_validation": None if outcome.teacher_validation is None else round(outcome.teacher_validation, 3)}
 
 
 def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: str = "cpu") -> dict:

@@ -23,7 +23,8 @@ NETWORK = "mlp:784-64-64"
 FAST = dict(epochs=2, batch_size=64, learning_rate=0.002, recovery_epochs=2.0, max_prune_steps=6, max_drop=1.0)
 METHODS = [(name, {}) for name in sorted(PRESETS)] + [
     ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
-    ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"}), ("default", {"isolate": True})]
+    ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"}), ("default", {"isolate": True}),
+    ("default", {"teacher": "full"})]
 
 
 @pytest.mark.parametrize("name,overrides", METHODS,
@@ -66,7 +67,10 @@ def test_method_keeps_the_invariants(name, overrides, tmp_path, data_dir):
         assert list(phases) == ["train", "prune", "fine-tune", "reuse"]
         assert phases["train"] == outcome.dense_validation_accuracy
         assert phases["reuse"] == outcome.validation_accuracy
-        assert phases["fine-tune"] >= phases["prune"]  # fine-tuning is kept only if it does not lose
+        # fine-tuning is kept when it does not lose to the pruned network, or ("bound") stays within the max drop
+        assert phases["fine-tune"] >= phases["prune"] or (
+            config.finetune_keep == "bound" and phases["fine-tune"] >= phases["train"] - config.max_drop)
+        assert (outcome.teacher_validation is not None) == (config.teacher == "full")
 
 
 def test_compact_copy_round_trips_bit_for_bit(data_dir):
@@ -371,3 +375,48 @@ def test_finetune_keep_is_checked_and_the_older_presets_keep_the_older_rule():
         preset("default", finetune_keep="sometimes")
     assert preset("default").finetune_keep == "bound"
     assert {preset(n).finetune_keep for n in ("balanced", "fast", "reference")} == {"better"}
+
+
+def test_full_teacher_is_trained_on_the_task_alone_and_teaches_recovery_and_fine_tuning(tmp_path, data_dir, monkeypatch):
+    """teacher="full": a separate network of the same shape, every unit trained on the task, supplies the logits that
+    recovery and fine-tuning distil from; the shared network's dense phase is untouched by it."""
+    import trainer.clnp as clnp
+
+    made, used, dense_phase = {}, [], {}
+    real_teacher, real_compact = clnp._full_teacher, clnp.train_compact
+
+    def full_teacher(net, task, data, config, show_progress):
+        made["logits"], made["accuracy"] = real_teacher(net, task, data, config, show_progress)
+        made["shared_unchanged"] = {k: v.clone() for k, v in net.state_tensors().items()}
+        return made["logits"], made["accuracy"]
+
+    def compact(*args, teacher=None, **kwargs):
+        used.append(teacher)
+        return real_compact(*args, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(clnp, "_full_teacher", full_teacher)
+    monkeypatch.setattr(clnp, "train_compact", compact)
+    config = preset("default", **FAST, teacher="full")
+    net = MaskedNetwork(parse_network_spec(NETWORK))
+    from benchmarks.tasks import load_task
+
+    task = load_task("permuted-mnist:3", net.spec, str(data_dir), 1000, 0, "cpu")
+    net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(1))
+
+    def on_phase(name, masks):
+        if name == "train":
+            dense_phase["tensors"] = {k: v.clone() for k, v in net.state_tensors().items()}
+
+    _, outcome = clnp.learn_task(net, new_owners(net), 0, task, config, on_phase=on_phase)
+    assert used and all(t is made["logits"] for t in used)  # every recovery and the fine-tuning distil from it
+    assert made["logits"].shape == (len(task.x_train), task.num_classes)
+    assert outcome.teacher_validation == made["accuracy"] and "teacher" in outcome.phase_seconds
+    # training the teacher wrote nothing into the shared network
+    assert all(torch.equal(made["shared_unchanged"][k], v) for k, v in dense_phase["tensors"].items())
+    # and it is not the shared network's own dense network
+    dense_net = MaskedNetwork.from_state(net.spec, dense_phase["tensors"], 1)
+    with torch.no_grad():
+        dense_logits = dense_net(task.x_train, 0, [torch.ones(layer.units) for layer in net.spec.layers])
+    assert not torch.allclose(dense_logits, made["logits"], atol=1e-3)
+    with pytest.raises(ConfigError, match="distill"):
+        preset("default", teacher="full", distill=0.0)

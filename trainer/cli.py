@@ -13,7 +13,8 @@ import sys
 
 import click
 
-from trainer.clnp import FINETUNE_KEEP as _FINETUNE_KEEP, PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES, CLNPConfig
+from trainer.clnp import (FINETUNE_KEEP as _FINETUNE_KEEP, PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES,
+                          TEACHERS as _TEACHERS, CLNPConfig)
 from trainer.pruning import SCHEDULES as _SCHEDULES, SCORES as _SCORES
 
 EXIT_FAILURE = 1
@@ -136,6 +137,10 @@ def cli(verbose: bool) -> None:
               help=f"L1 penalty on free units' mean activation per layer [default: {_DEFAULTS.alpha}].")
 @click.option("--distill", type=click.FloatRange(min=0, max=1), default=None,
               help=f"Weight of distillation from the unpruned network while retraining [default: {_DEFAULTS.distill}].")
+@click.option("--teacher", type=click.Choice(list(_TEACHERS)), default=None,
+              help="Distillation's teacher: dense (the task's unpruned network in the shared one) or full (a "
+                   "network of the same shape trained on the task alone first: about 30 more epochs of the full "
+                   f"network) [default: {_DEFAULTS.teacher}].")
 @click.option("--learning-rate", "--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"Adam learning rate [default: {_DEFAULTS.learning_rate}].")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]), default=None,
@@ -184,7 +189,7 @@ def cli(verbose: bool) -> None:
               help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
+def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
                  learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
@@ -205,14 +210,14 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     world = distributed.init_from_environment(device)
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
-                  distill, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
+                  distill, teacher, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
                   device, as_json, progress, quiet=world is not None and not world.is_main)
     finally:
         distributed.shutdown()
 
 
-def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill,
+def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
               learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
               reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
               device, as_json, progress, quiet):
@@ -222,7 +227,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     check_writable(repository)
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
-        dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill,
+        dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill, teacher=teacher,
         recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
         reuse_max_drop=reuse_max_drop,
         reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning,
@@ -243,6 +248,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
             "free_units": {l.name: l.free for l in m.layers}, "reused": o.reused,
             "epoch_seconds": o.epoch_seconds, "phase_seconds": o.phase_seconds,
             "phase_validation_accuracy": o.phase_validation, "finetune_discarded_validation_accuracy": o.finetune_discarded,
+            "teacher_validation_accuracy": o.teacher_validation,
             "seconds": result.seconds,
             "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
             "world_size": result.world_size,
@@ -258,6 +264,8 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         click.echo(f"  {l.name}: kept {o.units_kept[l.name]:>5} units, reuses {o.reused[l.name]:>5} earlier, "
                    f"{l.free:>5} of {l.units} free")
     click.echo("  validation after each phase: " + ", ".join(f"{name} {v:.2f}%" for name, v in o.phase_validation.items()))
+    if o.teacher_validation is not None:
+        click.echo(f"  teacher (trained on the task alone, every unit): {o.teacher_validation:.2f}% validation")
     if o.finetune_discarded is not None:
         click.echo(f"  fine-tuning ended at {o.finetune_discarded:.2f}% validation, under the pruned network"
                    + (f" and more than {config.max_drop} points under the unpruned one"

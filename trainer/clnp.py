@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 REUSE_MEASURES = ("connections", "signal")
 # When the fine-tuned network replaces the pruned one (CLNPConfig.finetune_keep); see the module docstring, step 4.
 FINETUNE_KEEP = ("bound", "better")
+# Distillation's teacher (CLNPConfig.teacher); see `learn_task`, step 2.
+TEACHERS = ("dense", "full")
 
 
 class CapacityExhaustedError(Exception):
@@ -89,6 +91,8 @@ class CLNPConfig:
     recovery_early_stop: bool = True  # iterative: stop retraining once validation accuracy is back (checked 4x/epoch)
     distill: float = 0.5  # weight of distillation from the dense network while retraining and fine-tuning (0: off)
     distill_temperature: float = 2.0  # softening of both networks' logits in the distillation term
+    teacher: str = "dense"  # distillation's teacher: "dense" (the task's unpruned network in the shared one) or
+    # "full" (a network of the same shape trained on the task alone, every unit, the dense phase's schedule); TEACHERS
     finetune_epochs: int = 60  # epochs of fine-tuning the kept units after pruning (0: none); cheap on the compact copy
     finetune_lr: float = 0.001  # Adam's step size while fine-tuning
     finetune_lr_schedule: str = "cosine"  # learning-rate schedule of the fine-tuning epochs (as lr_schedule)
@@ -113,6 +117,10 @@ class CLNPConfig:
                 raise ConfigError(f"unknown learning-rate schedule {value!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.teacher not in TEACHERS:
+            raise ConfigError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
+        if self.teacher != "dense" and self.distill == 0:
+            raise ConfigError(f"teacher {self.teacher!r} needs distillation (distill > 0); without it no teacher is used")
         if self.finetune_keep not in FINETUNE_KEEP:
             raise ConfigError(f"unknown finetune_keep {self.finetune_keep!r}; choose one of {', '.join(FINETUNE_KEEP)}")
         if self.reuse_measure not in REUSE_MEASURES:
@@ -202,6 +210,8 @@ class TaskOutcome:
     prune_steps: int = 0  # pruning steps the schedule tried
     phase_seconds: dict[str, float] = field(default_factory=dict)  # "train", "prune", "fine-tune", "reuse" -> wall s
     phase_validation: dict[str, float] = field(default_factory=dict)  # the same phases -> validation % at their end
+    # validation % of the teacher trained on the task alone (config.teacher == "full"); None for the dense teacher
+    teacher_validation: float | None = None
     # validation % the fine-tuned network ended at when config.finetune_keep discarded it (the pruned one was kept)
     # (the pruned network was kept); None when fine-tuning was kept or did not run
     finetune_discarded: float | None = None
@@ -273,7 +283,13 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     phase_acc = {"train": dense_acc}
     report = on_phase or (lambda name, masks: None)
     report("train", dense_masks)
-    teacher = tr.logits(data.x_train, dense_masks) if config.distill > 0 else None
+    teacher, teacher_acc = None, None
+    if config.distill > 0 and config.teacher == "full":
+        teacher, teacher_acc = _full_teacher(net, task, data, config, show_progress)
+        phases["teacher"] = time.perf_counter() - t_phase
+        t_phase = time.perf_counter()
+    elif config.distill > 0:
+        teacher = tr.logits(data.x_train, dense_masks)
 
     # ---- 3. prune with graceful forgetting --------------------------------------------------------
     # what the task sees besides its candidates: earlier tasks' units, or isolated, none
@@ -354,8 +370,34 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         phase_seconds=phases,
         phase_validation=phase_acc,
         finetune_discarded=discarded,
+        teacher_validation=teacher_acc,
     )
     return owners, outcome
+
+
+def _full_teacher(net: MaskedNetwork, task: int, data, config: CLNPConfig,
+                  show_progress: bool) -> tuple[torch.Tensor, float]:
+    """Distillation's teacher when config.teacher == "full": a fresh network of `net`'s shape with task `task`'s
+    input preprocessing and number of classes, every unit trained on the task alone with the dense phase's schedule
+    (what the benchmark's single-task reference trains). Later tasks learn their dense network in fewer FREE units,
+    and it scores less on validation the fewer there are; this teacher does not shrink.
+    Returns its logits on the training inputs and its validation accuracy. Its initialisation, data order and
+    dropout come from seeds of its own, and torch's global generator is left as it was, so the shared network's
+    phases draw the same random numbers with either teacher (its dense phase is the same network)."""
+    device = data.x_train.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 2)
+        full = MaskedNetwork(net.spec)
+        full.add_head(int(net.head_biases[task].shape[0]), net.pre_scales[task], net.pre_shifts[task],
+                      generator=torch.Generator().manual_seed(config.seed + 3))
+    full.to_device(device)
+    every = [torch.ones(layer.units, device=device) for layer in net.spec.layers]
+    owners = [torch.full((layer.units,), FREE, dtype=torch.long, device=device) for layer in net.spec.layers]
+    tr = TaskTrainer(full, owners, 0, config.seed + 2, config.batch_size, show_progress)
+    params = list(full.parameters())
+    tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, [None] * len(params), every,
+                  desc="teacher")
+    return tr.logits(data.x_train, every), accuracy(full, data.x_val, data.y_val, 0, every)
 
 
 def _consumers(net: MaskedNetwork, owners: list[torch.Tensor], task: int):
@@ -476,5 +518,5 @@ def reuse_by_signal(net: MaskedNetwork, owners: list[torch.Tensor], task: int, x
 
 __all__ = [
     "CLNPConfig", "ConfigError", "PRESETS", "preset", "SETTINGS_BEFORE_THEY_EXISTED", "TaskOutcome", "CapacityExhaustedError", "FREE", "new_owners", "task_masks",
-    "accuracy", "learn_task", "check_capacity", "reuse_counts", "reuse_by_signal", "REUSE_MEASURES", "FINETUNE_KEEP",
+    "accuracy", "learn_task", "check_capacity", "reuse_counts", "reuse_by_signal", "REUSE_MEASURES", "FINETUNE_KEEP", "TEACHERS",
 ]

@@ -247,6 +247,8 @@ def add_task(
                 "phase_validation_accuracy": {k: round(v, 4) for k, v in outcome.phase_validation.items()},
                 "finetune_discarded_validation_accuracy": (None if outcome.finetune_discarded is None
                                                            else round(outcome.finetune_discarded, 4)),
+                "teacher_validation_accuracy": (None if outcome.teacher_validation is None
+                                                else round(outcome.teacher_validation, 4)),
                 "seconds": round(outcome.seconds, 2),
             },
         )
