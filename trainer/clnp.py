@@ -15,7 +15,8 @@ Learning task t (see `learn_task`):
 3. Prune with graceful forgetting: a unit score (`config.score`, see trainer.pruning) and a schedule
    (`config.schedule`) decide which FREE units the task keeps while validation accuracy stays within
    `max_drop` points of the unpruned (dense) network. The iterative schedule retrains after each step,
-   distilling from the dense network's logits. The kept units become task t's; pruned units' incoming
+   distilling from a teacher's logits: the dense network's, or with `config.teacher` "full", those of a network
+   of the same shape trained on the task alone (fine-tuning, step 4, distils from the same teacher). The kept units become task t's; pruned units' incoming
    and outgoing connections are zeroed.
 4. Fine-tune task t's units (connections from FREE units held at zero). `config.finetune_keep` says when the result
    is kept: "bound" (default) whenever its validation accuracy is within `max_drop` of the dense network (or over
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 REUSE_MEASURES = ("connections", "signal")
 # When the fine-tuned network replaces the pruned one (CLNPConfig.finetune_keep); see the module docstring, step 4.
 FINETUNE_KEEP = ("bound", "better")
-# Distillation's teacher (CLNPConfig.teacher); see `learn_task`, step 2.
+# Distillation's teacher (CLNPConfig.teacher); see the module docstring, step 3, and `_full_teacher`.
 TEACHERS = ("dense", "full")
 
 
@@ -89,7 +90,7 @@ class CLNPConfig:
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
     recovery_lr: float = 0.0003  # iterative: Adam's step size while retraining after a step
     recovery_early_stop: bool = True  # iterative: stop retraining once validation accuracy is back (checked 4x/epoch)
-    distill: float = 0.5  # weight of distillation from the dense network while retraining and fine-tuning (0: off)
+    distill: float = 0.5  # weight of distillation from the teacher while retraining and fine-tuning (0: off)
     distill_temperature: float = 2.0  # softening of both networks' logits in the distillation term
     teacher: str = "dense"  # distillation's teacher: "dense" (the task's unpruned network in the shared one) or
     # "full" (a network of the same shape trained on the task alone, every unit, the dense phase's schedule); TEACHERS
@@ -212,8 +213,8 @@ class TaskOutcome:
     phase_validation: dict[str, float] = field(default_factory=dict)  # the same phases -> validation % at their end
     # validation % of the teacher trained on the task alone (config.teacher == "full"); None for the dense teacher
     teacher_validation: float | None = None
-    # validation % the fine-tuned network ended at when config.finetune_keep discarded it (the pruned one was kept)
-    # (the pruned network was kept); None when fine-tuning was kept or did not run
+    # validation % the fine-tuned network ended at when config.finetune_keep discarded it (the pruned network was
+    # kept); None when fine-tuning was kept or did not run
     finetune_discarded: float | None = None
 
 
