@@ -136,7 +136,8 @@ def cli(verbose: bool) -> None:
 @click.option("--alpha", type=click.FloatRange(min=0), default=None,
               help=f"L1 penalty on free units' mean activation per layer [default: {_DEFAULTS.alpha}].")
 @click.option("--distill", type=click.FloatRange(min=0, max=1), default=None,
-              help=f"Weight of distillation from the teacher (--teacher) while retraining and fine-tuning [default: {_DEFAULTS.distill}].")
+              help=f"Weight of distillation from the teacher (--teacher) while retraining and fine-tuning "
+                   f"[default: {_DEFAULTS.distill}].")
 @click.option("--teacher", type=click.Choice(list(_TEACHERS)), default=None,
               help="Distillation's teacher: dense (the task's unpruned network in the shared one) or full (a "
                    "network of the same shape trained on the task alone first: about 30 more epochs of the full "
