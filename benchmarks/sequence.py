@@ -46,9 +46,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from serving.capacity import forecast_additional_tasks  # noqa: E402
 from serving.contract import FREE  # noqa: E402
 from trainer.clnp import (PRESETS, SETTINGS_BEFORE_THEY_EXISTED, CapacityExhaustedError, CLNPConfig, accuracy,  # noqa: E402
-                          check_capacity, learn_task, new_owners, preset, reuse_by_signal, reuse_counts, task_masks)
+                          check_capacity, learn_task, new_owners, preset, reuse_by_signal, reuse_counts, task_masks,
+                          train_alone)
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
-from trainer.training import TaskTrainer  # noqa: E402
 from benchmarks.tasks import Task, load_task  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -344,19 +344,13 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
 
 
 def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: str = "cpu") -> dict:
-    """A fresh network trained on the task alone with CLNP's dense-phase schedule."""
-    torch.manual_seed(config.seed)
-    net = MaskedNetwork(parse_network_spec(network))
-    net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(config.seed + 1))
-    net.to_device(device)
-    trainer = TaskTrainer(net, [o.to(device) for o in new_owners(net)], 0, config.seed, config.batch_size)
-    ones = [torch.ones(l.units, device=device) for l in net.spec.layers]
+    """A fresh network trained on the task alone with CLNP's dense-phase schedule (trainer.clnp.train_alone)."""
     t0 = time.perf_counter()
-    trainer.run_epochs(task.x_train.to(device), task.y_train.to(device), config.dense_plan(), list(net.parameters()),
-                       [None] * len(list(net.parameters())), ones, desc="single-task")
+    net, _ = train_alone(parse_network_spec(network), task.num_classes, task.scale, task.shift,
+                         task.x_train.to(device), task.y_train.to(device), config, config.seed, desc="single-task")
     seconds = time.perf_counter() - t0
     net.to_device("cpu")
-    ones = [o.cpu() for o in ones]
+    ones = [torch.ones(l.units) for l in net.spec.layers]
     val = accuracy(net, task.x_val, task.y_val, 0, ones)
     return {"test_accuracy": accuracy(net, task.x_test, task.y_test, 0, ones), "validation_accuracy": val,
             "dense_validation_accuracy": val, "units_kept": {n: l.units for n, l in zip(net.spec.layer_names, net.spec.layers)},

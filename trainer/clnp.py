@@ -285,7 +285,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     report = on_phase or (lambda name, masks: None)
     report("train", dense_masks)
     teacher, teacher_acc = None, None
-    if config.distill > 0 and config.teacher == "full":
+    if config.teacher == "full":  # (CLNPConfig refuses it without distillation)
         teacher, teacher_acc = _full_teacher(net, task, data, config, show_progress)
         phases["teacher"] = time.perf_counter() - t_phase
         t_phase = time.perf_counter()
@@ -376,29 +376,37 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     return owners, outcome
 
 
+def train_alone(spec, num_classes: int, scale: torch.Tensor, shift: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                config: CLNPConfig, seed: int, show_progress: bool = False,
+                desc: str = "alone") -> tuple[MaskedNetwork, TaskTrainer]:
+    """A fresh network of shape `spec` with one head (`num_classes`, input preprocessing `scale`/`shift`), every
+    unit trained on (x, y) with the dense phase's schedule: the single-task reference of the sequence benchmark, and
+    distillation's teacher with config.teacher == "full". `seed` seeds the initialisation (the head: seed + 1), the
+    data order and dropout; torch's global generator is left as it was. Returns the network (on x's device) and
+    the trainer that trained it (its `logits` reads the network batch by batch)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = MaskedNetwork(spec)
+        net.add_head(num_classes, scale, shift, generator=torch.Generator().manual_seed(seed + 1))
+    net.to_device(x.device)
+    owners = [torch.full((layer.units,), FREE, dtype=torch.long, device=x.device) for layer in spec.layers]
+    every = [torch.ones(layer.units, device=x.device) for layer in spec.layers]
+    params = list(net.parameters())
+    trainer = TaskTrainer(net, owners, 0, seed, config.batch_size, show_progress)
+    trainer.run_epochs(x, y, config.dense_plan(), params, [None] * len(params), every, desc=desc)
+    return net, trainer
+
+
 def _full_teacher(net: MaskedNetwork, task: int, data, config: CLNPConfig,
                   show_progress: bool) -> tuple[torch.Tensor, float]:
-    """Distillation's teacher when config.teacher == "full": a fresh network of `net`'s shape with task `task`'s
-    input preprocessing and number of classes, every unit trained on the task alone with the dense phase's schedule
-    (what the benchmark's single-task reference trains). Later tasks learn their dense network in fewer FREE units,
-    and it scores less on validation the fewer there are; this teacher does not shrink.
-    Returns its logits on the training inputs and its validation accuracy. Its initialisation, data order and
-    dropout come from seeds of its own, and torch's global generator is left as it was, so the shared network's
-    phases draw the same random numbers with either teacher (its dense phase is the same network)."""
-    device = data.x_train.device
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed + 2)
-        full = MaskedNetwork(net.spec)
-        full.add_head(int(net.head_biases[task].shape[0]), net.pre_scales[task], net.pre_shifts[task],
-                      generator=torch.Generator().manual_seed(config.seed + 3))
-    full.to_device(device)
-    every = [torch.ones(layer.units, device=device) for layer in net.spec.layers]
-    owners = [torch.full((layer.units,), FREE, dtype=torch.long, device=device) for layer in net.spec.layers]
-    tr = TaskTrainer(full, owners, 0, config.seed + 2, config.batch_size, show_progress)
-    params = list(full.parameters())
-    tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, [None] * len(params), every,
-                  desc="teacher")
-    return tr.logits(data.x_train, every), accuracy(full, data.x_val, data.y_val, 0, every)
+    """Distillation's teacher when config.teacher == "full": `train_alone` on task `task` (its preprocessing and
+    number of classes), seeded apart from the shared network's training. Later tasks learn their dense network in
+    fewer FREE units, and it scores less on validation the fewer there are; this teacher does not shrink.
+    Returns its logits on the training inputs and its validation accuracy."""
+    full, trainer = train_alone(net.spec, int(net.head_biases[task].shape[0]), net.pre_scales[task], net.pre_shifts[task],
+                       data.x_train, data.y_train, config, config.seed + 2, show_progress, desc="teacher")
+    every = [torch.ones(layer.units, device=data.x_train.device) for layer in net.spec.layers]
+    return trainer.logits(data.x_train, every), accuracy(full, data.x_val, data.y_val, 0, every)
 
 
 def _consumers(net: MaskedNetwork, owners: list[torch.Tensor], task: int):
@@ -519,5 +527,5 @@ def reuse_by_signal(net: MaskedNetwork, owners: list[torch.Tensor], task: int, x
 
 __all__ = [
     "CLNPConfig", "ConfigError", "PRESETS", "preset", "SETTINGS_BEFORE_THEY_EXISTED", "TaskOutcome", "CapacityExhaustedError", "FREE", "new_owners", "task_masks",
-    "accuracy", "learn_task", "check_capacity", "reuse_counts", "reuse_by_signal", "REUSE_MEASURES", "FINETUNE_KEEP", "TEACHERS",
+    "accuracy", "learn_task", "check_capacity", "reuse_counts", "reuse_by_signal", "REUSE_MEASURES", "FINETUNE_KEEP", "TEACHERS", "train_alone",
 ]
