@@ -5,10 +5,14 @@ Loads a `benchmarks/sequence.py` CLNP run folder (its `state.safetensors`), adds
 runs only the dense phase of the run's preset, in one of two ways:
 - `default`: as `learn_task` does: the FREE units see every earlier unit's output, and the head reads all units;
 - `isolated`: connections from earlier tasks' units into the new units and the head are zero and stay zero, so the
-  task learns in the FREE units alone, as a network of that width would.
+  task learns in the FREE units alone, as a network of that width would;
+- `distilled`: as `default`, with the distillation term of the preset (`distill`, `distill_temperature`) added to
+  the dense phase, its teacher a network of the full shape trained on the task alone (`train_alone`, the
+  `--teacher full` teacher; `--teacher-cache FILE` keeps its logits in a safetensors file for another probe).
 
     python benchmarks/dense_probe.py --run runs/clnp-default-10-s0 --variant default
     python benchmarks/dense_probe.py --run runs/clnp-default-10-s0 --variant isolated
+    python benchmarks/dense_probe.py --run runs/clnp-default-10-s0 --variant distilled --teacher-cache /tmp/t11.safetensors
 
 Prints one JSON line: validation and test accuracy after the dense phase, FREE units per layer, seconds.
 """
@@ -16,6 +20,7 @@ Prints one JSON line: validation and test accuracy after the dense phase, FREE u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,10 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from benchmarks.sequence import RunRecord, load_state  # noqa: E402
 from benchmarks.tasks import load_task  # noqa: E402
-from trainer.clnp import FREE, preset  # noqa: E402
+from trainer.clnp import FREE, preset, train_alone  # noqa: E402
 from trainer.network import parse_network_spec  # noqa: E402
 from trainer.training import TaskTrainer, accuracy, column_mask  # noqa: E402
 
@@ -36,8 +42,9 @@ from trainer.training import TaskTrainer, accuracy, column_mask  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a CLNP run folder of benchmarks/sequence.py")
-    p.add_argument("--variant", choices=["default", "isolated"], required=True)
+    p.add_argument("--variant", choices=["default", "isolated", "distilled"], required=True)
     p.add_argument("--data-dir", default=os.environ.get("CLNP_DATA_DIR"))
+    p.add_argument("--teacher-cache", type=Path, help="distilled: the teacher's logits, read if there, else written")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     record = RunRecord.from_dict(json.loads((args.run / "run.json").read_text()))
@@ -63,13 +70,28 @@ def main(argv=None) -> int:
             grad_masks[-2] = keep
     all_on = [torch.ones(len(o)) for o in owners]
     t0 = time.perf_counter()
-    tr.run_epochs(task.x_train, task.y_train, cfg.dense_plan(), params, grad_masks, all_on, desc="train")
+    plan, teacher, teacher_val = cfg.dense_plan(), None, None
+    if args.variant == "distilled":
+        if args.teacher_cache and args.teacher_cache.exists():
+            cached = load_file(str(args.teacher_cache))
+            teacher, teacher_val = cached["logits"], float(cached["validation"])
+        else:
+            full, full_tr = train_alone(spec, task.num_classes, task.scale, task.shift, task.x_train, task.y_train,
+                                        cfg, cfg.seed + 2, desc="teacher")
+            every = [torch.ones(layer.units) for layer in spec.layers]
+            teacher, teacher_val = full_tr.logits(task.x_train, every), accuracy(full, task.x_val, task.y_val, 0, every)
+            if args.teacher_cache:
+                save_file({"logits": teacher, "validation": torch.tensor(teacher_val)}, str(args.teacher_cache))
+        plan = dataclasses.replace(plan, distill=cfg.distill, temperature=cfg.distill_temperature)
+    t1 = time.perf_counter()
+    tr.run_epochs(task.x_train, task.y_train, plan, params, grad_masks, all_on, teacher=teacher, desc="train")
     print(json.dumps({
         "run": str(args.run), "variant": args.variant, "task": t + 1,
         "free_units": {n: int((o == FREE).sum()) for n, o in zip(spec.layer_names, owners)},
         "dense_validation": round(accuracy(net, task.x_val, task.y_val, index, all_on), 3),
         "dense_test": round(accuracy(net, task.x_test, task.y_test, index, all_on), 3),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "teacher_validation": None if teacher_val is None else round(teacher_val, 3),
+        "seconds": round(time.perf_counter() - t1, 1), "teacher_seconds": round(t1 - t0, 1),
     }))
     return 0
 

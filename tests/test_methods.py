@@ -24,7 +24,7 @@ FAST = dict(epochs=2, batch_size=64, learning_rate=0.002, recovery_epochs=2.0, m
 METHODS = [(name, {}) for name in sorted(PRESETS)] + [
     ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
     ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"}), ("default", {"isolate": True}),
-    ("default", {"teacher": "full"})]
+    ("default", {"teacher": "full"}), ("default", {"teacher": "full", "distill_dense": True})]
 
 
 @pytest.mark.parametrize("name,overrides", METHODS,
@@ -379,44 +379,66 @@ def test_finetune_keep_is_checked_and_the_older_presets_keep_the_older_rule():
 
 def test_full_teacher_is_trained_on_the_task_alone_and_teaches_recovery_and_fine_tuning(tmp_path, data_dir, monkeypatch):
     """teacher="full": a separate network of the same shape, every unit trained on the task, supplies the logits that
-    recovery and fine-tuning distil from; the shared network's dense phase is untouched by it."""
+    recovery and fine-tuning distil from. The shared network's dense phase is untouched by it (bit-identical to the
+    dense teacher's run) unless distill_dense asks the dense phase to distil from it too."""
     import trainer.clnp as clnp
-
-    made, used, dense_phase = {}, [], {}
-    real_teacher, real_compact = clnp._full_teacher, clnp.train_compact
-
-    def full_teacher(net, task, data, config, show_progress):
-        made["logits"], made["accuracy"] = real_teacher(net, task, data, config, show_progress)
-        made["shared_unchanged"] = {k: v.clone() for k, v in net.state_tensors().items()}
-        return made["logits"], made["accuracy"]
-
-    def compact(*args, teacher=None, **kwargs):
-        used.append(teacher)
-        return real_compact(*args, teacher=teacher, **kwargs)
-
-    monkeypatch.setattr(clnp, "_full_teacher", full_teacher)
-    monkeypatch.setattr(clnp, "train_compact", compact)
-    config = preset("default", **FAST, teacher="full")
-    net = MaskedNetwork(parse_network_spec(NETWORK))
     from benchmarks.tasks import load_task
 
-    task = load_task("permuted-mnist:3", net.spec, str(data_dir), 1000, 0, "cpu")
-    net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(1))
+    real_teacher, real_compact = clnp._full_teacher, clnp.train_compact
 
-    def on_phase(name, masks):
-        if name == "train":
-            dense_phase["tensors"] = {k: v.clone() for k, v in net.state_tensors().items()}
+    def learn(config):
+        made, used, dense_phase = {}, [], {}
 
-    _, outcome = clnp.learn_task(net, new_owners(net), 0, task, config, on_phase=on_phase)
+        def full_teacher(net, task, data, config, show_progress):
+            before = {k: v.clone() for k, v in net.state_tensors().items()}
+            made["logits"], made["accuracy"] = real_teacher(net, task, data, config, show_progress)
+            made["wrote_nothing"] = all(torch.equal(before[k], v) for k, v in net.state_tensors().items())
+            return made["logits"], made["accuracy"]
+
+        def compact(*args, teacher=None, **kwargs):
+            used.append(teacher)
+            return real_compact(*args, teacher=teacher, **kwargs)
+
+        def on_phase(name, masks):
+            if name == "train":
+                dense_phase.update({k: v.clone() for k, v in net.state_tensors().items()})
+
+        monkeypatch.setattr(clnp, "_full_teacher", full_teacher)
+        monkeypatch.setattr(clnp, "train_compact", compact)
+        torch.manual_seed(0)
+        net = MaskedNetwork(parse_network_spec(NETWORK))
+        task = load_task("permuted-mnist:3", net.spec, str(data_dir), 1000, 0, "cpu")
+        net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(1))
+        _, outcome = clnp.learn_task(net, new_owners(net), 0, task, config, on_phase=on_phase)
+        return net, task, outcome, made, used, dense_phase
+
+    _, _, plain, _, _, plain_dense = learn(preset("default", **FAST))
+    net, task, outcome, made, used, dense_phase = learn(preset("default", **FAST, teacher="full"))
     assert used and all(t is made["logits"] for t in used)  # every recovery and the fine-tuning distil from it
     assert made["logits"].shape == (len(task.x_train), task.num_classes)
     assert outcome.teacher_validation == made["accuracy"] and "teacher" in outcome.phase_seconds
-    # training the teacher wrote nothing into the shared network
-    assert all(torch.equal(made["shared_unchanged"][k], v) for k, v in dense_phase["tensors"].items())
-    # and it is not the shared network's own dense network
-    dense_net = MaskedNetwork.from_state(net.spec, dense_phase["tensors"], 1)
+    assert made["wrote_nothing"]  # training the teacher wrote nothing into the shared network
+    # the dense phase is the dense teacher's, bit for bit: the full teacher neither feeds it nor moves its seeds
+    assert all(torch.equal(plain_dense[k], v) for k, v in dense_phase.items())
+    assert outcome.dense_validation_accuracy == plain.dense_validation_accuracy
+    # and the teacher is not the shared network's own dense network
+    dense_net = MaskedNetwork.from_state(net.spec, dense_phase, 1)
+    every = [torch.ones(layer.units) for layer in net.spec.layers]
     with torch.no_grad():
-        dense_logits = dense_net(task.x_train, 0, [torch.ones(layer.units) for layer in net.spec.layers])
+        dense_logits = dense_net(task.x_train, 0, every)
     assert not torch.allclose(dense_logits, made["logits"], atol=1e-3)
+
+    # distill_dense: the dense phase learns from the teacher as well, so it ends elsewhere, nearer the teacher
+    _, _, distilled, made, _, distilled_dense = learn(preset("default", **FAST, teacher="full", distill_dense=True))
+    assert not all(torch.equal(distilled_dense[k], v) for k, v in dense_phase.items())
+    with torch.no_grad():
+        distilled_logits = MaskedNetwork.from_state(net.spec, distilled_dense, 1)(task.x_train, 0, every)
+
+    def kl_to_teacher(logits):
+        return torch.nn.functional.kl_div(logits.log_softmax(1), made["logits"].log_softmax(1), log_target=True,
+                                          reduction="batchmean")
+    assert kl_to_teacher(distilled_logits) < kl_to_teacher(dense_logits)
     with pytest.raises(ConfigError, match="distill"):
         preset("default", teacher="full", distill=0.0)
+    with pytest.raises(ConfigError, match="teacher 'full'"):
+        preset("default", distill_dense=True)

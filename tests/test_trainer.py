@@ -275,6 +275,7 @@ BAD_INPUTS = {
     "network mismatch": (["-t", "x", "-d", "mnist", "-n", "mlp:784-10-10"], "differs from the repository"),
     "bad network spec": (["-t", "x", "-d", "mnist", "-n", "mlp:abc"], "invalid network spec"),
     "bound for a step that is off": (["-t", "x", "-d", "mnist", "--reuse-max-drop", "0.1"], "--connection-pruning"),
+    "dense distillation without its teacher": (["-t", "x", "-d", "mnist", "--distill-dense"], "--teacher full"),
 }
 
 

@@ -142,6 +142,9 @@ def cli(verbose: bool) -> None:
               help="Distillation's teacher: dense (the task's unpruned network in the shared one) or full (a "
                    "network of the same shape trained on the task alone first: about 30 more epochs of the full "
                    f"network) [default: {_DEFAULTS.teacher}].")
+@click.option("--distill-dense/--no-distill-dense", default=None,
+              help="The dense phase distils from the full teacher too (--teacher full), at --distill's weight "
+                   "[default: off].")
 @click.option("--learning-rate", "--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"Adam learning rate [default: {_DEFAULTS.learning_rate}].")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]), default=None,
@@ -191,7 +194,7 @@ def cli(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
-                 learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
+                 distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
@@ -211,7 +214,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     world = distributed.init_from_environment(device)
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
-                  distill, teacher, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
+                  distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
                   device, as_json, progress, quiet=world is not None and not world.is_main)
     finally:
@@ -219,7 +222,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
 
 
 def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
-              learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
+              distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
               reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
               device, as_json, progress, quiet):
     from trainer.clnp import preset as make_config
@@ -229,7 +232,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill, teacher=teacher,
-        recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
+        distill_dense=distill_dense, recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
         reuse_max_drop=reuse_max_drop,
         reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning,
         isolate=True if isolate else None, seed=seed))

@@ -6,7 +6,7 @@ the task that owns it or FREE (-1). Task t's mask is "owned by a task <= t" (ser
 Learning task t (see `learn_task`):
 1. FREE units get fresh incoming weights and biases; task t gets a fresh head.
 2. Train with Adam on cross-entropy (with dropout on the hidden units, optionally + alpha * L1 of the FREE
-   units' activations). Only FREE units' incoming weights/biases and head t receive gradients (a fresh
+   units' activations; with `config.distill_dense`, + distillation from the "full" teacher of step 3). Only FREE units' incoming weights/biases and head t receive gradients (a fresh
    optimizer, no weight decay: entries whose gradient is always zero stay bit-identical). Earlier units'
    rows are never touched, and their incoming connections from FREE units are zero and stay zero.
    With `config.isolate`, connections from earlier tasks' units into the FREE units and head t start at zero and
@@ -94,6 +94,7 @@ class CLNPConfig:
     distill_temperature: float = 2.0  # softening of both networks' logits in the distillation term
     teacher: str = "dense"  # distillation's teacher: "dense" (the task's unpruned network in the shared one) or
     # "full" (a network of the same shape trained on the task alone, every unit, the dense phase's schedule); TEACHERS
+    distill_dense: bool = False  # the dense phase distils from the "full" teacher too (weight `distill`); needs it
     finetune_epochs: int = 60  # epochs of fine-tuning the kept units after pruning (0: none); cheap on the compact copy
     finetune_lr: float = 0.001  # Adam's step size while fine-tuning
     finetune_lr_schedule: str = "cosine"  # learning-rate schedule of the fine-tuning epochs (as lr_schedule)
@@ -122,6 +123,9 @@ class CLNPConfig:
             raise ConfigError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
         if self.teacher != "dense" and self.distill == 0:
             raise ConfigError(f"teacher {self.teacher!r} needs distillation (distill > 0); without it no teacher is used")
+        if self.distill_dense and (self.teacher != "full" or self.distill == 0):
+            raise ConfigError("distill_dense needs teacher 'full' and distill > 0: the dense network cannot teach "
+                              "itself; add --teacher full")
         if self.finetune_keep not in FINETUNE_KEEP:
             raise ConfigError(f"unknown finetune_keep {self.finetune_keep!r}; choose one of {', '.join(FINETUNE_KEEP)}")
         if self.reuse_measure not in REUSE_MEASURES:
@@ -142,6 +146,7 @@ class CLNPConfig:
 
     def dense_plan(self) -> EpochPlan:
         return EpochPlan(self.epochs, self.learning_rate, self.lr_schedule, self.lr_decay, self.dropout, self.alpha,
+                         distill=self.distill if self.distill_dense else 0.0, temperature=self.distill_temperature,
                          precision=self.precision)
 
     def recovery_plan(self) -> EpochPlan:
@@ -271,25 +276,28 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         net.reinit_units(i, (o == FREE).cpu(), generator=tr.generator)
     if config.isolate:
         cut_earlier_connections(net, owners, task)
+    phases = {}
+    teacher, teacher_acc = None, None
+    if config.teacher == "full":  # (CLNPConfig refuses it without distillation); its own generators, so the
+        # dense phase below is the same whether it runs first or not
+        teacher, teacher_acc = _full_teacher(net, task, data, config, show_progress)
+        phases["teacher"] = time.perf_counter() - t0
 
     # ---- 2. learn the task in the FREE units (every unit visible; isolated, every FREE unit) --------
+    t_phase = time.perf_counter()
     dense_masks = [torch.ones(len(o), device=device) if not config.isolate else (o == FREE).float() for o in owners]
     params, grad_masks = tr.free_unit_parameters()
     free = [(o == FREE) for o in owners]
     epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, dense_masks,
-                                  penalty_units=[f.float() for f in free], desc="train")
-    phases = {"train": time.perf_counter() - t0}
+                                  penalty_units=[f.float() for f in free],
+                                  teacher=teacher if config.distill_dense else None, desc="train")
+    phases["train"] = time.perf_counter() - t_phase
     t_phase = time.perf_counter()
     dense_acc = accuracy(net, data.x_val, data.y_val, task, dense_masks)
     phase_acc = {"train": dense_acc}
     report = on_phase or (lambda name, masks: None)
     report("train", dense_masks)
-    teacher, teacher_acc = None, None
-    if config.teacher == "full":  # (CLNPConfig refuses it without distillation)
-        teacher, teacher_acc = _full_teacher(net, task, data, config, show_progress)
-        phases["teacher"] = time.perf_counter() - t_phase
-        t_phase = time.perf_counter()
-    elif config.distill > 0:
+    if teacher is None and config.distill > 0:
         teacher = tr.logits(data.x_train, dense_masks)
 
     # ---- 3. prune with graceful forgetting --------------------------------------------------------
