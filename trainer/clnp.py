@@ -6,8 +6,9 @@ the task that owns it or FREE (-1). Task t's mask is "owned by a task <= t" (ser
 Learning task t (see `learn_task`):
 1. FREE units get fresh incoming weights and biases; task t gets a fresh head.
 2. Train with Adam on cross-entropy (with dropout on the hidden units, optionally + alpha * L1 of the FREE
-   units' activations; with `config.distill_dense`, + distillation from the "full" teacher of step 3). Only FREE units' incoming weights/biases and head t receive gradients (a fresh
-   optimizer, no weight decay: entries whose gradient is always zero stay bit-identical). Earlier units'
+   units' activations; with `config.distill_dense`, + distillation from the "full" teacher of step 3).
+   Only FREE units' incoming weights/biases and head t receive gradients (a fresh optimizer, no weight
+   decay: entries whose gradient is always zero stay bit-identical). Earlier units'
    rows are never touched, and their incoming connections from FREE units are zero and stay zero.
    With `config.isolate`, connections from earlier tasks' units into the FREE units and head t start at zero and
    stay there: the task is learned as its own subnetwork, reads no earlier features, and reuses nothing (steps 5
