@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from benchmarks.sequence import RunRecord, load_state  # noqa: E402
 from benchmarks.tasks import load_task  # noqa: E402
-from trainer.clnp import FREE, preset, train_alone  # noqa: E402
+from trainer.clnp import FREE, full_teacher, preset  # noqa: E402
 from trainer.network import parse_network_spec  # noqa: E402
 from trainer.training import TaskTrainer, accuracy, column_mask  # noqa: E402
 
@@ -70,21 +70,19 @@ def main(argv=None) -> int:
             grad_masks[-2] = keep
     all_on = [torch.ones(len(o)) for o in owners]
     t0 = time.perf_counter()
-    plan, teacher, teacher_val = cfg.dense_plan(), None, None
+    teacher, teacher_val = None, None
     if args.variant == "distilled":
+        cfg = dataclasses.replace(cfg, teacher="full", distill_dense=True)  # learn_task's --distill-dense
         if args.teacher_cache and args.teacher_cache.exists():
             cached = load_file(str(args.teacher_cache))
             teacher, teacher_val = cached["logits"], float(cached["validation"])
         else:
-            full, full_tr = train_alone(spec, task.num_classes, task.scale, task.shift, task.x_train, task.y_train,
-                                        cfg, cfg.seed + 2, desc="teacher")
-            every = [torch.ones(layer.units) for layer in spec.layers]
-            teacher, teacher_val = full_tr.logits(task.x_train, every), accuracy(full, task.x_val, task.y_val, 0, every)
+            teacher, teacher_val = full_teacher(net, index, task, cfg)
             if args.teacher_cache:
                 save_file({"logits": teacher, "validation": torch.tensor(teacher_val)}, str(args.teacher_cache))
-        plan = dataclasses.replace(plan, distill=cfg.distill, temperature=cfg.distill_temperature)
     t1 = time.perf_counter()
-    tr.run_epochs(task.x_train, task.y_train, plan, params, grad_masks, all_on, teacher=teacher, desc="train")
+    tr.run_epochs(task.x_train, task.y_train, cfg.dense_plan(), params, grad_masks, all_on, teacher=teacher,
+                  desc="train")
     print(json.dumps({
         "run": str(args.run), "variant": args.variant, "task": t + 1,
         "free_units": {n: int((o == FREE).sum()) for n, o in zip(spec.layer_names, owners)},

@@ -384,7 +384,7 @@ def test_full_teacher_is_trained_on_the_task_alone_and_teaches_recovery_and_fine
     import trainer.clnp as clnp
     from benchmarks.tasks import load_task
 
-    real_teacher, real_compact = clnp._full_teacher, clnp.train_compact
+    real_teacher, real_compact = clnp.full_teacher, clnp.train_compact
 
     def learn(config):
         made, used, dense_phase = {}, [], {}
@@ -403,7 +403,7 @@ def test_full_teacher_is_trained_on_the_task_alone_and_teaches_recovery_and_fine
             if name == "train":
                 dense_phase.update({k: v.clone() for k, v in net.state_tensors().items()})
 
-        monkeypatch.setattr(clnp, "_full_teacher", full_teacher)
+        monkeypatch.setattr(clnp, "full_teacher", full_teacher)
         monkeypatch.setattr(clnp, "train_compact", compact)
         torch.manual_seed(0)
         net = MaskedNetwork(parse_network_spec(NETWORK))

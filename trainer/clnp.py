@@ -17,8 +17,8 @@ Learning task t (see `learn_task`):
    (`config.schedule`) decide which FREE units the task keeps while validation accuracy stays within
    `max_drop` points of the unpruned (dense) network. The iterative schedule retrains after each step,
    distilling from a teacher's logits: the dense network's, or with `config.teacher` "full", those of a network
-   of the same shape trained on the task alone (fine-tuning, step 4, distils from the same teacher). The kept units become task t's; pruned units' incoming
-   and outgoing connections are zeroed.
+   of the same shape trained on the task alone (fine-tuning, step 4, distils from the same teacher). The kept
+   units become task t's; pruned units' incoming and outgoing connections are zeroed.
 4. Fine-tune task t's units (connections from FREE units held at zero). `config.finetune_keep` says when the result
    is kept: "bound" (default) whenever its validation accuracy is within `max_drop` of the dense network (or over
    the pruned one's), "better" only when it is not under the pruned network's. Pruning stops at the last step that
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 REUSE_MEASURES = ("connections", "signal")
 # When the fine-tuned network replaces the pruned one (CLNPConfig.finetune_keep); see the module docstring, step 4.
 FINETUNE_KEEP = ("bound", "better")
-# Distillation's teacher (CLNPConfig.teacher); see the module docstring, step 3, and `_full_teacher`.
+# Distillation's teacher (CLNPConfig.teacher); see the module docstring, step 3, and `full_teacher`.
 TEACHERS = ("dense", "full")
 
 
@@ -281,7 +281,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     teacher, teacher_acc = None, None
     if config.teacher == "full":  # (CLNPConfig refuses it without distillation); its own generators, so the
         # dense phase below is the same whether it runs first or not
-        teacher, teacher_acc = _full_teacher(net, task, data, config, show_progress)
+        teacher, teacher_acc = full_teacher(net, task, data, config, show_progress)
         phases["teacher"] = time.perf_counter() - t0
 
     # ---- 2. learn the task in the FREE units (every unit visible; isolated, every FREE unit) --------
@@ -406,14 +406,15 @@ def train_alone(spec, num_classes: int, scale: torch.Tensor, shift: torch.Tensor
     return net, trainer
 
 
-def _full_teacher(net: MaskedNetwork, task: int, data, config: CLNPConfig,
-                  show_progress: bool) -> tuple[torch.Tensor, float]:
+def full_teacher(net: MaskedNetwork, task: int, data, config: CLNPConfig,
+                 show_progress: bool = False) -> tuple[torch.Tensor, float]:
     """Distillation's teacher when config.teacher == "full": `train_alone` on task `task` (its preprocessing and
     number of classes), seeded apart from the shared network's training. Later tasks learn their dense network in
     fewer FREE units, and it scores less on validation the fewer there are; this teacher does not shrink.
     Returns its logits on the training inputs and its validation accuracy."""
-    full, trainer = train_alone(net.spec, int(net.head_biases[task].shape[0]), net.pre_scales[task], net.pre_shifts[task],
-                       data.x_train, data.y_train, config, config.seed + 2, show_progress, desc="teacher")
+    full, trainer = train_alone(net.spec, int(net.head_biases[task].shape[0]), net.pre_scales[task],
+                                net.pre_shifts[task], data.x_train, data.y_train, config, config.seed + 2,
+                                show_progress, desc="teacher")
     every = [torch.ones(layer.units, device=data.x_train.device) for layer in net.spec.layers]
     return trainer.logits(data.x_train, every), accuracy(full, data.x_val, data.y_val, 0, every)
 
@@ -536,5 +537,5 @@ def reuse_by_signal(net: MaskedNetwork, owners: list[torch.Tensor], task: int, x
 
 __all__ = [
     "CLNPConfig", "ConfigError", "PRESETS", "preset", "SETTINGS_BEFORE_THEY_EXISTED", "TaskOutcome", "CapacityExhaustedError", "FREE", "new_owners", "task_masks",
-    "accuracy", "learn_task", "check_capacity", "reuse_counts", "reuse_by_signal", "REUSE_MEASURES", "FINETUNE_KEEP", "TEACHERS", "train_alone",
+    "accuracy", "learn_task", "check_capacity", "reuse_counts", "reuse_by_signal", "REUSE_MEASURES", "FINETUNE_KEEP", "TEACHERS", "train_alone", "full_teacher",
 ]
