@@ -63,7 +63,7 @@ class TaskResult:
     index: int  # 0-based learning order
     source: str
     test_accuracy: float  # percent, right after learning it
-    validation_accuracy: float  # after pruning (CLNP) or training (single)
+    validation_accuracy: float  # as published: after pruning and fine-tuning (CLNP), or after training (single)
     dense_validation_accuracy: float  # before pruning (equals validation_accuracy for single)
     units_kept: dict[str, int]  # layer -> units the task owns (CLNP); all units (single)
     free_after: dict[str, int]  # layer -> FREE units after the task (CLNP)

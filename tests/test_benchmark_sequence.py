@@ -132,6 +132,9 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     diffs = [a - b for a, b in zip(final, ref)]
     assert pair["tasks"] == 2 and pair["difference"] == pytest.approx(sum(diffs) / 2)
     assert pair["tasks_under"] == sum(d < 0 for d in diffs) and pair["worst"] == pytest.approx(min(diffs))
+    val = [a["validation_accuracy"] - b["validation_accuracy"]
+           for a, b in zip(tasks, res["records"][str(tmp_path / "single")]["tasks"])]
+    assert pair["validation_difference"] == pytest.approx(sum(val) / 2)
     kept = [t["units_kept"] for t in tasks]
     assert pair["units_per_task"] == pytest.approx(sum(sum(k.values()) / len(k) for k in kept) / 2)
     md = (tmp_path / "rep" / "sequence.md").read_text()
