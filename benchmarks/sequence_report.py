@@ -168,7 +168,8 @@ def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
             if not both:
                 continue
             d = [a - b for a, b in both]
-            dv = [t.validation_accuracy - u.validation_accuracy for t, u in zip(r.tasks[:len(both)], s.tasks)]
+            dv = [t.validation_accuracy - u.validation_accuracy
+                  for t, u in zip(r.tasks, s.tasks) if t.source == u.source]
             kept = [sum(t.units_kept.values()) / len(t.units_kept) for t in r.tasks[:len(both)]]
             pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "tasks": len(both),
                           "group": _label(r, with_seed=False), "limit": r.limit,
