@@ -163,14 +163,14 @@ def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
             if (s.seed, s.network, s.limit) != (r.seed, r.network, r.limit) or \
                     any(s.config.get(k) != r.config.get(k) for k in DENSE_FIELDS):
                 continue
-            mine, ref = _finals(r), _finals(s)
-            both = [(a, b) for a, b, t, u in zip(mine, ref, r.tasks, s.tasks) if t.source == u.source]
-            if not both:
+            matched = [(a, b, t, u) for a, b, t, u in zip(_finals(r), _finals(s), r.tasks, s.tasks)
+                       if t.source == u.source]
+            if not matched:
                 continue
+            both = [(a, b) for a, b, _, _ in matched]
             d = [a - b for a, b in both]
-            dv = [t.validation_accuracy - u.validation_accuracy
-                  for t, u in zip(r.tasks, s.tasks) if t.source == u.source]
-            kept = [sum(t.units_kept.values()) / len(t.units_kept) for t in r.tasks[:len(both)]]
+            dv = [t.validation_accuracy - u.validation_accuracy for _, _, t, u in matched]
+            kept = [sum(t.units_kept.values()) / len(t.units_kept) for _, _, t, _ in matched]
             pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "tasks": len(both),
                           "group": _label(r, with_seed=False), "limit": r.limit,
                           "units_per_task": statistics.fmean(kept),
