@@ -150,6 +150,43 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     assert (tmp_path / "rep" / "sequence_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_target_check_says_what_keeps_a_setting_from_the_target():
+    """Seeds of one setting are averaged (accuracy and per-seed difference to the reference); the check names every
+    criterion missed, and proxies, lifetime runs and runs on part of the data are not checked."""
+    from benchmarks.sequence_report import TARGET, RunSummary, target_check
+
+    def run(folder, seed, avg, done=10, planned=10, fit=True, identical=45):
+        return RunSummary(folder=folder, label="", group="", method="clnp", seed=seed, tasks_done=done,
+                          tasks_planned=planned, all_fit=fit, average_test_accuracy=avg,
+                          zero_forgetting_checks=45, zero_forgetting_identical=identical, max_units_per_task={},
+                          worst_drop_from_dense=0.0, max_drop=0.4, reuse_max_drop=0.0, seconds_per_task=1.0,
+                          free_after_last={})
+
+    def pair(folder, group, seed, diff, tasks=10, limit=None, network=TARGET["network"]):
+        return {"folder": folder, "group": group, "seed": seed, "tasks": tasks, "difference": diff,
+                "validation_difference": diff / 2, "units_per_task": 100.0 + seed, "limit": limit,
+                "network": network}
+
+    runs = [run("a0", 0, 98.60), run("a1", 1, 98.56), run("a2", 2, 98.55),  # meets it
+            run("b0", 0, 98.56), run("b1", 1, 98.55), run("b2", 2, 98.58, fit=False),  # -0.11 and one did not fit
+            run("c0", 0, 98.40, done=6), run("c1", 1, 98.70, identical=44),  # 1 seed whole, one check not identical
+            run("l0", 0, 98.9, done=30, planned=30), run("p0", 0, 99.0, done=3, planned=3), run("s0", 0, 98.9)]
+    pairs = [pair("a0", "A", 0, -0.05), pair("a1", "A", 1, -0.08), pair("a2", "A", 2, -0.10),
+             pair("b0", "B", 0, -0.09), pair("b1", "B", 1, -0.12), pair("b2", "B", 2, -0.12),
+             pair("c0", "C", 0, -0.02, tasks=6), pair("c1", "C", 1, 0.0),
+             pair("l0", "L", 0, 0.0), pair("p0", "P", 0, 0.0, tasks=3), pair("s0", "S", 0, 0.0, limit=5000)]
+    rows = {r["group"]: r for r in target_check(pairs, runs)}
+    assert set(rows) == {"A", "B", "C"}  # the lifetime run, the 3-task proxy and the --limit run are not checked
+    a, b, c = rows["A"], rows["B"], rows["C"]
+    assert a["met"] and a["missing"] == [] and a["seeds"] == [0, 1, 2]
+    assert a["average"] == pytest.approx((98.60 + 98.56 + 98.55) / 3)
+    assert a["difference"] == pytest.approx(-0.23 / 3) and a["validation_difference"] == pytest.approx(-0.23 / 6)
+    assert not b["met"] and b["missing"] == ["a task did not fit", "difference -0.110 < -0.1"]
+    assert b["difference_std"] == pytest.approx(0.0173, abs=1e-4)
+    assert not c["met"] and c["tasks"] == [6, 10]
+    assert c["missing"] == ["seeds with all 10 tasks: 1 of 3", "a zero-forgetting check was not bit-identical"]
+
+
 def test_resume_on_another_machine_recomputes_the_probes(tmp_path, data_dir):
     """Another CPU rounds the same weights differently: the probes are recomputed there, and the run says so."""
     out = tmp_path / "r"
