@@ -469,6 +469,6 @@ def tradeoff_plot(pairs: list[dict], out: Path, min_tasks: int = 7, all_data_onl
     ax.set_title("Accuracy against capacity, paired with the single-task reference (seed (tasks))")
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
-    fig.savefig(out / "sequence_tradeoff.png", dpi=110)
+    fig.savefig(out / "sequence_tradeoff.png", dpi=110, bbox_inches="tight")  # long setting names: keep the whole legend
     plt.close(fig)
     return ["sequence_tradeoff.png"]
