@@ -203,7 +203,7 @@ def target_check(pairs: list[dict], runs: list[RunSummary]) -> list[dict]:
         members = sorted(members, key=lambda p: p["seed"])
         summaries = [by_folder[p["folder"]] for p in members]
         n = TARGET["tasks"]
-        done = [p for p, s in zip(members, summaries) if s.tasks_done >= n and p["tasks"] >= n]
+        done = {p["seed"] for p, s in zip(members, summaries) if s.tasks_done >= n and p["tasks"] >= n}  # distinct
         average = statistics.fmean(s.average_test_accuracy for s in summaries)
         difference = statistics.fmean(p["difference"] for p in members)
         missing = []

@@ -170,10 +170,11 @@ def test_target_check_says_what_keeps_a_setting_from_the_target():
     runs = [run("a0", 0, 98.60), run("a1", 1, 98.56), run("a2", 2, 98.55),  # meets it
             run("b0", 0, 98.56), run("b1", 1, 98.55), run("b2", 2, 98.58, fit=False),  # -0.11 and one did not fit
             run("c0", 0, 98.40, done=6), run("c1", 1, 98.70, identical=44),  # 1 seed whole, one check not identical
+            run("c1b", 1, 98.70),  # the same seed again counts once
             run("l0", 0, 98.9, done=30, planned=30), run("p0", 0, 99.0, done=3, planned=3), run("s0", 0, 98.9)]
     pairs = [pair("a0", "A", 0, -0.05), pair("a1", "A", 1, -0.08), pair("a2", "A", 2, -0.10),
              pair("b0", "B", 0, -0.09), pair("b1", "B", 1, -0.12), pair("b2", "B", 2, -0.12),
-             pair("c0", "C", 0, -0.02, tasks=6), pair("c1", "C", 1, 0.0),
+             pair("c0", "C", 0, -0.02, tasks=6), pair("c1", "C", 1, 0.0), pair("c1b", "C", 1, 0.0),
              pair("l0", "L", 0, 0.0), pair("p0", "P", 0, 0.0, tasks=3), pair("s0", "S", 0, 0.0, limit=5000)]
     rows = {r["group"]: r for r in target_check(pairs, runs)}
     assert set(rows) == {"A", "B", "C"}  # the lifetime run, the 3-task proxy and the --limit run are not checked
@@ -183,7 +184,7 @@ def test_target_check_says_what_keeps_a_setting_from_the_target():
     assert a["difference"] == pytest.approx(-0.23 / 3) and a["validation_difference"] == pytest.approx(-0.23 / 6)
     assert not b["met"] and b["missing"] == ["a task did not fit", "difference -0.110 < -0.1"]
     assert b["difference_std"] == pytest.approx(0.0173, abs=1e-4)
-    assert not c["met"] and c["tasks"] == [6, 10]
+    assert not c["met"] and c["tasks"] == [6, 10, 10]
     assert c["missing"] == ["seeds with all 10 tasks: 1 of 3", "a zero-forgetting check was not bit-identical"]
 
 
