@@ -9,7 +9,8 @@ reported, never used to choose.
     python benchmarks/finetune_probe.py --cache /tmp/ftprobe --variant default --variant long-hard
 
 A variant is `NAME` from VARIANTS or `NAME:epochs=60,distill=0.9,temperature=4,lr=0.001,dropout=0.2,seed=1`
-(seed: the fine-tuning's data order and dropout).
+(seed: the fine-tuning's data order and dropout; also average=0.998 for a moving average of the weights and
+schedule=constant for the learning-rate schedule).
 Prints one JSON line per variant.
 """
 
@@ -55,7 +56,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     out = {}
     for kv in rest.split(","):
         k, _, v = kv.partition("=")
-        out[k] = float(v)
+        out[k] = v if k == "schedule" else float(v)
     return name, out
 
 
@@ -130,7 +131,8 @@ def main(argv=None) -> int:
         plan = cfg.finetune_plan()
         plan = replace(plan, epochs=int(v.get("epochs", plan.epochs)), learning_rate=v.get("lr", plan.learning_rate),
                        distill=v.get("distill", plan.distill), temperature=v.get("temperature", plan.temperature),
-                       dropout=v.get("dropout", plan.dropout))
+                       dropout=v.get("dropout", plan.dropout), average=v.get("average", plan.average),
+                       lr_schedule=v.get("schedule", plan.lr_schedule))
         t0 = time.perf_counter()
         if plan.epochs > 0:
             tr = TaskTrainer(net, owners, 0, int(v.get("seed", cfg.seed + 17)), cfg.batch_size)

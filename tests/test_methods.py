@@ -18,13 +18,15 @@ from trainer.compact import compact_task, write_back
 from trainer.network import MaskedNetwork, parse_network_spec
 from trainer.pipeline import add_task, fit_to_network, load_network
 from trainer.pruning import SCHEDULES, SCORES
+from trainer.training import EpochPlan, TaskTrainer
 
 NETWORK = "mlp:784-64-64"
 FAST = dict(epochs=2, batch_size=64, learning_rate=0.002, recovery_epochs=2.0, max_prune_steps=6, max_drop=1.0)
 METHODS = [(name, {}) for name in sorted(PRESETS)] + [
     ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
     ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"}), ("default", {"isolate": True}),
-    ("default", {"teacher": "full"}), ("default", {"teacher": "full", "distill_dense": True})]
+    ("default", {"teacher": "full"}), ("default", {"teacher": "full", "distill_dense": True}),
+    ("default", {"finetune_average": 0.99})]
 
 
 @pytest.mark.parametrize("name,overrides", METHODS,
@@ -368,6 +370,51 @@ def test_fine_tuning_under_the_pruned_network_but_within_the_bound(tmp_path, dat
         assert outcome.finetune_discarded == seen["tuned"]
         assert torch.equal(published_bias, seen["before"])
         assert outcome.phase_validation["fine-tune"] == outcome.phase_validation["prune"]
+
+
+def test_weight_average_ends_on_the_moving_average_and_leaves_held_entries_bit_identical(monkeypatch):
+    """run_epochs with `average` ends on the exponential moving average of every step's weights (computed here
+    by hand from the same steps), and an entry whose gradient mask is zero comes out bit-identical."""
+    spec = parse_network_spec("mlp:20-12-10")
+    x, y = torch.rand(96, 20, generator=torch.Generator().manual_seed(0)) * 255, torch.arange(96) % 3
+    steps: list[list[torch.Tensor]] = []  # the moving parameters after every optimizer step
+
+    def trained(average: float):
+        torch.manual_seed(1)
+        net = MaskedNetwork(spec)
+        net.add_head(3, torch.ones(20) / 255, torch.zeros(20))
+        owners = [torch.tensor([0] * 4 + [FREE] * 8), torch.tensor([0] * 3 + [FREE] * 7)]
+        tr = TaskTrainer(net, owners, 0, seed=3, batch_size=32)
+        params, grad_masks = tr.free_unit_parameters()
+        start = [p.detach().clone() for p in params]
+        steps.clear()
+        tr.run_epochs(x, y, EpochPlan(3, 0.01, dropout=0.1, average=average), params, grad_masks,
+                      [torch.ones(12), torch.ones(10)])
+        return params, grad_masks, start, [list(s) for s in steps]
+
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(opt, *args, **kwargs):
+        out = adam_step(opt, *args, **kwargs)
+        steps.append([p.detach().clone() for group in opt.param_groups for p in group["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    params, grad_masks, start, history = trained(0.9)
+    assert len(history) == 9  # 3 epochs of 3 batches
+    expected = [s.clone() for s in start]
+    for weights in history:
+        for e, w in zip(expected, weights):
+            e.mul_(0.9).add_(w, alpha=0.1)
+    for p, m, e, last, s in zip(params, grad_masks, expected, history[-1], start):
+        moving = torch.ones_like(p, dtype=torch.bool) if m is None else m != 0
+        torch.testing.assert_close(p.detach()[moving], e[moving], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach()[moving], last[moving])  # not simply the last step's weights
+        assert torch.equal(p.detach()[~moving], s[~moving])  # task 0's rows did not move at all
+    plain, _, _, plain_history = trained(0.0)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(plain, plain_history[-1]))  # off: the last step's weights
+    with pytest.raises(ConfigError, match="finetune_average"):
+        preset("default", finetune_average=1.0)
 
 
 def test_finetune_keep_is_checked_and_the_older_presets_keep_the_older_rule():

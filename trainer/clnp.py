@@ -99,6 +99,8 @@ class CLNPConfig:
     finetune_epochs: int = 60  # epochs of fine-tuning the kept units after pruning (0: none); cheap on the compact copy
     finetune_lr: float = 0.001  # Adam's step size while fine-tuning
     finetune_lr_schedule: str = "cosine"  # learning-rate schedule of the fine-tuning epochs (as lr_schedule)
+    finetune_average: float = 0.0  # fine-tuning keeps an exponential moving average of the weights it moves, with
+    # this decay per step, and ends on it (0: off, the last step's weights)
     finetune_keep: str = "bound"  # keep the fine-tuned network: "bound" (within max_drop of dense, or over the
     # pruned one) or "better" (only when its validation accuracy is not under the pruned network's); FINETUNE_KEEP
     prune_connections: bool = False  # step 5: prune task connections from earlier units (the "connections" measure)
@@ -138,6 +140,9 @@ class CLNPConfig:
                               "(accuracy points the task may lose)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
+        if not 0 <= self.finetune_average < 1:
+            raise ConfigError(f"finetune_average {self.finetune_average} must be in [0, 1) (an average's decay per step; "
+                              "0: off)")
         if not 0 <= self.distill <= 1:
             raise ConfigError(f"distill {self.distill} must be in [0, 1]")
         if self.min_units < 0:
@@ -157,7 +162,8 @@ class CLNPConfig:
 
     def finetune_plan(self) -> EpochPlan:
         return EpochPlan(self.finetune_epochs, self.finetune_lr, self.finetune_lr_schedule, self.lr_decay, self.dropout,
-                         distill=self.distill, temperature=self.distill_temperature, precision=self.precision)
+                         distill=self.distill, temperature=self.distill_temperature, precision=self.precision,
+                         average=self.finetune_average)
 
 
 # Named starting points; any option given next to a preset overrides it.

@@ -35,6 +35,8 @@ class EpochPlan:
     temperature: float = 2.0  # distillation temperature
     check_every: float = 0.0  # call `stop_when` every this many epochs (0: never)
     precision: str = "fp32"  # arithmetic of the steps: "fp32", or "bf16" (see PRECISIONS)
+    average: float = 0.0  # decay of an exponential moving average of the moving entries, updated every step, that
+    # replaces them when the block ends (0: off; 0.998 averages over about the last 500 steps)
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -187,6 +189,7 @@ class TaskTrainer:
         check_steps = round(plan.check_every * steps_per_epoch) if plan.check_every > 0 and stop_when else 0
         decay_from = math.ceil(plan.epochs * 0.75) * steps_per_epoch if plan.epochs >= 2 else total_steps
         keep = 1.0 - plan.dropout
+        averaged = WeightAverage(params, grad_masks, plan.average) if plan.average > 0 else None
         times: list[float] = []
         bar = tqdm(total=total_steps, desc=desc, disable=not self.show_progress, leave=False, unit="step")
         step, t0, order = 0, time.perf_counter(), None
@@ -230,6 +233,8 @@ class TaskTrainer:
                 if m is not None:
                     p.grad.mul_(m)
             opt.step()
+            if averaged is not None:
+                averaged.update()
             step += 1
             bar.update(1)
             if step % steps_per_epoch == 0 or step == total_steps:
@@ -239,12 +244,40 @@ class TaskTrainer:
                 times.append(time.perf_counter() - t0)
                 break
         bar.close()
+        if averaged is not None:
+            averaged.apply()
         return times
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, masks: list[torch.Tensor], batch_size: int = 2048) -> torch.Tensor:
         """The task's logits for x through `masks`, no dropout: (N, classes)."""
         return torch.cat([self.net(x[s:s + batch_size], self.task, masks) for s in range(0, len(x), batch_size)])
+
+
+class WeightAverage:
+    """An exponential moving average of the entries a block of training moves (Polyak averaging).
+
+    torch.optim.swa_utils.AveragedModel averages a whole module; here the parameters are a list of tensors
+    with gradient masks, and an entry whose mask is zero must come out bit-identical, so `apply` writes the
+    average only where the mask lets the entry move (everywhere for a None mask).
+    """
+
+    def __init__(self, params: list[torch.Tensor], grad_masks: list[torch.Tensor | None], decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"weight-average decay {decay} must be in (0, 1)")
+        self.params, self.masks, self.decay = params, grad_masks, decay
+        with torch.no_grad():
+            self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for a, p in zip(self.shadow, self.params):
+            a.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, a, m in zip(self.params, self.shadow, self.masks):
+            p.copy_(a if m is None else torch.where(m != 0, a, p))
 
 
 # The split pays for its gathers once still rows are about a third of the hidden units. On mlp:784-2000-2000 (one
