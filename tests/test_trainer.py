@@ -456,3 +456,16 @@ def test_add_task_precision_option(tmp_path, data_dir):
     assert res.exit_code == 0, res.output
     record = ModelRepository.open(root).read_manifest(1).tasks[0]
     assert record.training["config"]["precision"] == "bf16"
+
+
+def test_add_task_finetune_average_option(tmp_path, data_dir):
+    """--finetune-average reaches the trainer and the version's training record; a decay of 1 changes nothing."""
+    root = tmp_path / "repo"
+    args = ["add-task", "-r", str(root), "-t", "a", "-d", "permuted-mnist:2", "--network", "mlp:784-32-32",
+            "--epochs", "1", "--finetune-epochs", "1", "--limit", "500", "--data-dir", str(data_dir), "--json"]
+    bad = CliRunner().invoke(cli, args + ["--finetune-average", "1"])
+    assert bad.exit_code == 2 and "--finetune-average" in bad.output and not root.exists()
+    res = CliRunner().invoke(cli, args + ["--finetune-average", "0.99"])
+    assert res.exit_code == 0, res.output
+    record = ModelRepository.open(root).read_manifest(1).tasks[0]
+    assert record.training["config"]["finetune_average"] == 0.99

@@ -160,6 +160,9 @@ def cli(verbose: bool) -> None:
               help="When the fine-tuned network replaces the pruned one: bound (its validation accuracy is within "
                    "--max-drop of the unpruned network's, or over the pruned one's) or better (not under the pruned "
                    f"one's) [default: {_DEFAULTS.finetune_keep}].")
+@click.option("--finetune-average", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="Fine-tuning ends on an exponential moving average of the weights it moves, with this decay per "
+                   f"step (0.9998: about the last 5,000 steps; 0: off) [default: {_DEFAULTS.finetune_average}].")
 @click.option("--reuse-max-drop", type=click.FloatRange(min=0, max=100), default=None,
               help=f"Accuracy points the connection pruning behind the reuse measure may cost "
                    f"[default: {_DEFAULTS.reuse_max_drop}].")
@@ -194,7 +197,7 @@ def cli(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
-                 distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
+                 distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
@@ -214,7 +217,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     world = distributed.init_from_environment(device)
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
-                  distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
+                  distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
                   device, as_json, progress, quiet=world is not None and not world.is_main)
     finally:
@@ -222,7 +225,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
 
 
 def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
-              distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, reuse_max_drop,
+              distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
               reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
               device, as_json, progress, quiet):
     from trainer.clnp import preset as make_config
@@ -233,7 +236,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill, teacher=teacher,
         distill_dense=distill_dense, recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
-        reuse_max_drop=reuse_max_drop,
+        finetune_average=finetune_average, reuse_max_drop=reuse_max_drop,
         reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning,
         isolate=True if isolate else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress
