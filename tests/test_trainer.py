@@ -445,27 +445,19 @@ def test_unwritable_repository_is_one_line_before_any_training(tmp_path, data_di
     assert (not repo.exists()) or list(repo.iterdir()) == []  # nothing written, nothing half-published
 
 
-def test_add_task_precision_option(tmp_path, data_dir):
-    """--precision bf16 reaches the trainer and the version's training record; an unknown one changes nothing."""
-    root = tmp_path / "repo"
-    args = ["add-task", "-r", str(root), "-t", "a", "-d", "permuted-mnist:2", "--network", "mlp:784-32-32",
-            "--epochs", "1", "--finetune-epochs", "0", "--limit", "500", "--data-dir", str(data_dir), "--json"]
-    bad = CliRunner().invoke(cli, args + ["--precision", "fp16"])
-    assert bad.exit_code == 2 and "fp16" in bad.output and not root.exists()
-    res = CliRunner().invoke(cli, args + ["--precision", "bf16"])
-    assert res.exit_code == 0, res.output
-    record = ModelRepository.open(root).read_manifest(1).tasks[0]
-    assert record.training["config"]["precision"] == "bf16"
-
-
-def test_add_task_finetune_average_option(tmp_path, data_dir):
-    """--finetune-average reaches the trainer and the version's training record; a decay of 1 changes nothing."""
+@pytest.mark.parametrize("option,bad,good,key,value", [
+    ("--precision", "fp16", "bf16", "precision", "bf16"),
+    ("--finetune-average", "1", "0.99", "finetune_average", 0.99)])
+def test_add_task_training_option_reaches_the_record(option, bad, good, key, value, tmp_path, data_dir):
+    """A training option reaches the trainer and the version's training record; a bad value changes nothing."""
     root = tmp_path / "repo"
     args = ["add-task", "-r", str(root), "-t", "a", "-d", "permuted-mnist:2", "--network", "mlp:784-32-32",
             "--epochs", "1", "--finetune-epochs", "1", "--limit", "500", "--data-dir", str(data_dir), "--json"]
-    bad = CliRunner().invoke(cli, args + ["--finetune-average", "1"])
-    assert bad.exit_code == 2 and "--finetune-average" in bad.output and not root.exists()
-    res = CliRunner().invoke(cli, args + ["--finetune-average", "0.99"])
+    res = CliRunner().invoke(cli, args + [option, bad])
+    assert res.exit_code == 2 and option in res.output and bad in res.output and not root.exists()
+    res = CliRunner().invoke(cli, args + [option, good])
     assert res.exit_code == 0, res.output
     record = ModelRepository.open(root).read_manifest(1).tasks[0]
-    assert record.training["config"]["finetune_average"] == 0.99
+    assert record.training["config"][key] == value
+
+
