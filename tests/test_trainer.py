@@ -459,5 +459,3 @@ def test_add_task_training_option_reaches_the_record(option, bad, good, key, val
     assert res.exit_code == 0, res.output
     record = ModelRepository.open(root).read_manifest(1).tasks[0]
     assert record.training["config"][key] == value
-
-
