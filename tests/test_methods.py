@@ -17,7 +17,7 @@ from trainer.clnp import PRESETS, ConfigError, new_owners, preset, task_masks
 from trainer.compact import compact_task, write_back
 from trainer.network import MaskedNetwork, parse_network_spec
 from trainer.pipeline import add_task, fit_to_network, load_network
-from trainer.pruning import SCHEDULES, SCORES
+from trainer.pruning import SCHEDULES, SCORES, _cut, _cut_global
 from trainer.training import EpochPlan, TaskTrainer
 
 NETWORK = "mlp:784-64-64"
@@ -26,7 +26,7 @@ METHODS = [(name, {}) for name in sorted(PRESETS)] + [
     ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
     ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"}), ("default", {"isolate": True}),
     ("default", {"teacher": "full"}), ("default", {"teacher": "full", "distill_dense": True}),
-    ("default", {"finetune_average": 0.99})]
+    ("default", {"finetune_average": 0.99}), ("default", {"prune_rank": "global"})]
 
 
 @pytest.mark.parametrize("name,overrides", METHODS,
@@ -277,10 +277,11 @@ def test_connection_pruning_is_on_where_its_measure_needs_it_and_a_bound_needs_i
     assert not preset("balanced", prune_connections=False).prune_connections  # the preset's own bound: no error
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-def test_min_units_is_a_floor_that_pruning_never_crosses(schedule, tmp_path, data_dir):
+@pytest.mark.parametrize("schedule,rank", [(s, "layer") for s in sorted(SCHEDULES)] + [("iterative", "global")])
+def test_min_units_is_a_floor_that_pruning_never_crosses(schedule, rank, tmp_path, data_dir):
     # max_drop 100: accuracy never stops pruning, so only the floor does.
-    loose = dict(FAST, epochs=1, recovery_epochs=0.5, max_drop=100.0, finetune_epochs=0, schedule=schedule)
+    loose = dict(FAST, epochs=1, recovery_epochs=0.5, max_drop=100.0, finetune_epochs=0, schedule=schedule,
+                 prune_rank=rank)
     kept = {}
     for floor in (0, 20, 1000):
         result = add_task(tmp_path / f"repo-{floor}", "a", "permuted-mnist:1", network=NETWORK,
@@ -291,6 +292,27 @@ def test_min_units_is_a_floor_that_pruning_never_crosses(schedule, tmp_path, dat
     assert set(kept[1000].values()) == {64}, kept  # a floor above the free units keeps them all
     with pytest.raises(ConfigError, match="min_units"):
         preset("default", min_units=-1)
+
+
+def test_global_rank_cuts_the_lowest_scores_of_all_layers_together_above_each_floor():
+    keep = [torch.tensor([True, True, True, True, False]), torch.tensor([True, True, True, True])]
+    scores = [torch.tensor([0.5, 0.1, 0.9, 0.2, 0.0], dtype=torch.float64),
+              torch.tensor([0.05, 0.3, 0.15, 0.8], dtype=torch.float64)]
+    # 8 candidates, half of them go: the four lowest of both layers (0.05, 0.1, 0.15, 0.2), not two per layer;
+    # unit 4 of layer 1 (score 0.0) is not a candidate and stays as it was
+    trial = _cut_global(keep, scores, 0.5, [1, 1])
+    assert trial[0].tolist() == [True, False, True, False, False]
+    assert trial[1].tolist() == [False, True, False, True]
+    assert _cut(keep, scores, 0.5, [1, 1])[1].tolist() == [False, True, False, True]  # per layer: two each
+    assert _cut(keep, scores, 0.5, [1, 1])[0].tolist() == [True, False, True, False, False]
+    # a floor keeps units of its layer even where they score lowest; the cut takes the rest from the other layer
+    floored = _cut_global(keep, scores, 0.5, [1, 3])
+    assert floored[1].tolist() == [False, True, True, True]
+    assert floored[0].tolist() == [False, False, True, False, False]
+    assert sum(int(k.sum()) for k in floored) == 4
+    assert keep[0].tolist() == [True, True, True, True, False]  # the input is left alone
+    with pytest.raises(ConfigError, match="prune_rank"):
+        preset("default", prune_rank="everywhere")
 
 
 def test_fine_tuning_that_loses_is_discarded_and_recorded(tmp_path, data_dir, monkeypatch):

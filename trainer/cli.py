@@ -15,7 +15,7 @@ import click
 
 from trainer.clnp import (FINETUNE_KEEP as _FINETUNE_KEEP, PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES,
                           TEACHERS as _TEACHERS, CLNPConfig)
-from trainer.pruning import SCHEDULES as _SCHEDULES, SCORES as _SCORES
+from trainer.pruning import RANKS as _RANKS, SCHEDULES as _SCHEDULES, SCORES as _SCORES
 
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
@@ -131,6 +131,9 @@ def cli(verbose: bool) -> None:
 @click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,
               help=f"Pruning schedule: iterative (prune a share, retrain, repeat) or one-shot (bisection, no "
                    f"retraining) [default: {_DEFAULTS.schedule}].")
+@click.option("--prune-rank", type=click.Choice(list(_RANKS)), default=None,
+              help="Iterative schedule: each step cuts its share of every layer (layer) or of all layers ranked "
+                   f"together by score (global) [default: {_DEFAULTS.prune_rank}].")
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help=f"Dropout on hidden units while training [default: {_DEFAULTS.dropout}].")
 @click.option("--alpha", type=click.FloatRange(min=0), default=None,
@@ -196,7 +199,7 @@ def cli(verbose: bool) -> None:
               help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
+def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
                  distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
@@ -216,7 +219,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard, rank 0 publishes.
     world = distributed.init_from_environment(device)
     try:
-        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha,
+        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, prune_rank, dropout, alpha,
                   distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
                   device, as_json, progress, quiet=world is not None and not world.is_main)
@@ -224,7 +227,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
         distributed.shutdown()
 
 
-def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, dropout, alpha, distill, teacher,
+def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
               distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
               reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
               device, as_json, progress, quiet):
@@ -234,7 +237,8 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     check_writable(repository)
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
-        dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units, distill=distill, teacher=teacher,
+        dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units,
+        prune_rank=prune_rank, distill=distill, teacher=teacher,
         distill_dense=distill_dense, recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
         finetune_average=finetune_average, reuse_max_drop=reuse_max_drop,
         reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning,

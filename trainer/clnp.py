@@ -48,7 +48,7 @@ import torch
 
 from serving.contract import FREE, visible_to
 from trainer.network import MaskedNetwork
-from trainer.pruning import SCHEDULES, SCORES, PruneContext, restore, schedule_for
+from trainer.pruning import RANKS, SCHEDULES, SCORES, PruneContext, restore, schedule_for
 from trainer.training import LR_SCHEDULES, PRECISIONS, EpochPlan, TaskTrainer, accuracy, mean_activations, train_compact
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class CLNPConfig:
     min_prune_fraction: float = 0.05  # iterative: failed steps halve the share; stop below this
     max_prune_steps: int = 24  # iterative: stop after this many steps
     min_units: int = 0  # pruning keeps at least this many units per layer (of those free); 0: only max_drop decides
+    prune_rank: str = "layer"  # iterative: a step cuts its share of each layer ("layer") or of all layers ranked
+    # together by score ("global"); RANKS
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
     recovery_lr: float = 0.0003  # iterative: Adam's step size while retraining after a step
     recovery_early_stop: bool = True  # iterative: stop retraining once validation accuracy is back (checked 4x/epoch)
@@ -122,6 +124,8 @@ class CLNPConfig:
                 raise ConfigError(f"unknown learning-rate schedule {value!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.prune_rank not in RANKS:
+            raise ConfigError(f"unknown prune_rank {self.prune_rank!r}; choose one of {', '.join(RANKS)}")
         if self.teacher not in TEACHERS:
             raise ConfigError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
         if self.teacher != "dense" and self.distill == 0:
@@ -317,7 +321,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         teacher=teacher, x_val=data.x_val, y_val=data.y_val,
     )
     schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps,
-                            config.min_units)
+                            config.min_units, config.prune_rank)
     result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
     epoch_seconds += result.epoch_seconds
     pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}

@@ -180,6 +180,7 @@ class IterativeRecovery(PruneSchedule):
     min_fraction: float = 0.05  # stop once a failed step has halved the share below this
     max_steps: int = 12  # stop after this many steps, kept or not
     min_units: int = 0  # keep at least this many candidates per layer (where there are that many)
+    rank: str = "layer"  # "layer": each step cuts `fraction` of every layer; "global": of all layers together (RANKS)
 
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         floor = dense_accuracy - max_drop
@@ -190,12 +191,8 @@ class IterativeRecovery(PruneSchedule):
         fraction, steps, seconds = self.first_fraction, 0, []
         while fraction >= self.min_fraction and steps < self.max_steps:
             scores = score(ctx, keep)
-            trial = [k.clone() for k in keep]
-            for i, k in enumerate(keep):
-                remaining = int(k.sum())
-                cut = min(remaining - least[i], math.floor(fraction * remaining))
-                if cut > 0:
-                    trial[i][_lowest(scores[i], k, cut)] = False
+            trial = _cut(keep, scores, fraction, least) if self.rank == "layer" else \
+                _cut_global(keep, scores, fraction, least)
             if all(torch.equal(a, b) for a, b in zip(trial, keep)):
                 break
             steps += 1
@@ -221,16 +218,53 @@ class IterativeRecovery(PruneSchedule):
         return PruneResult(keep, accuracy, steps, seconds)
 
 
+# How the iterative schedule shares a step's cut among the layers (CLNPConfig.prune_rank).
+RANKS = ("layer", "global")
+
+
+def _cut(keep: list[torch.Tensor], scores: list[torch.Tensor], fraction: float, least: list[int]) -> list[torch.Tensor]:
+    """`keep` less the lowest-scored `fraction` of each layer's remaining units, leaving `least[i]` in layer i."""
+    trial = [k.clone() for k in keep]
+    for i, k in enumerate(keep):
+        remaining = int(k.sum())
+        cut = min(remaining - least[i], math.floor(fraction * remaining))
+        if cut > 0:
+            trial[i][_lowest(scores[i], k, cut)] = False
+    return trial
+
+
+def _cut_global(keep: list[torch.Tensor], scores: list[torch.Tensor], fraction: float,
+                least: list[int]) -> list[torch.Tensor]:
+    """`keep` less the lowest-scored `fraction` of all layers' remaining units ranked together, leaving `least[i]`
+    in layer i. The scores are compared as they are: a Taylor score is the first-order change in the task's loss
+    when the unit goes, the same quantity in every layer, so one ranking lets a task keep more units in the layer
+    that needs them (EideticNet cuts the same share of every layer, as `_cut` does)."""
+    trial = [k.clone() for k in keep]
+    cand = [torch.nonzero(k).flatten() for k in keep]
+    total = sum(len(c) for c in cand)
+    budget = min(math.floor(fraction * total), sum(max(0, len(c) - l) for c, l in zip(cand, least)))
+    if budget <= 0:
+        return trial
+    # each layer's units, lowest first, past its floor; merged by score (ties: layer, then index)
+    pool = []
+    for i, c in enumerate(cand):
+        order = c[torch.argsort(scores[i][c], stable=True)][: max(0, len(c) - least[i])]
+        pool += [(float(scores[i][u]), i, int(u)) for u in order]
+    for _, i, u in sorted(pool)[:budget]:
+        trial[i][u] = False
+    return trial
+
+
 SCHEDULES: dict[str, PruneSchedule] = {s.name: s for s in (OneShotBisection(), IterativeRecovery())}
 
 
 def schedule_for(name: str, first_fraction: float, min_fraction: float, max_steps: int,
-                 min_units: int = 0) -> PruneSchedule:
+                 min_units: int = 0, rank: str = "layer") -> PruneSchedule:
     """The registered schedule `name`, with the iterative schedule's settings and the unit floor applied."""
     s = SCHEDULES[name]
     if isinstance(s, IterativeRecovery):
         return replace(s, first_fraction=first_fraction, min_fraction=min_fraction, max_steps=max_steps,
-                       min_units=min_units)
+                       min_units=min_units, rank=rank)
     return replace(s, min_units=min_units)
 
 
