@@ -313,6 +313,8 @@ def test_global_rank_cuts_the_lowest_scores_of_all_layers_together_above_each_fl
     assert keep[0].tolist() == [True, True, True, True, False]  # the input is left alone
     with pytest.raises(ConfigError, match="prune_rank"):
         preset("default", prune_rank="everywhere")
+    with pytest.raises(ConfigError, match="iterative"):  # a setting the schedule would ignore is refused
+        preset("default", prune_rank="global", schedule="one-shot")
 
 
 def test_fine_tuning_that_loses_is_discarded_and_recorded(tmp_path, data_dir, monkeypatch):

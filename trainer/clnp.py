@@ -126,6 +126,9 @@ class CLNPConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.prune_rank not in RANKS:
             raise ConfigError(f"unknown prune_rank {self.prune_rank!r}; choose one of {', '.join(RANKS)}")
+        if self.prune_rank != "layer" and self.schedule != "iterative":
+            raise ConfigError(f"prune_rank {self.prune_rank!r} ranks the iterative schedule's steps; the "
+                              f"{self.schedule!r} schedule has none (add --schedule iterative)")
         if self.teacher not in TEACHERS:
             raise ConfigError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
         if self.teacher != "dense" and self.distill == 0:
