@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """How much of the pruning loss can fine-tuning win back?
 
-Learns permuted-MNIST task 1 into a fresh network with a preset's dense phase and pruning schedule (as
-`learn_task` does, without its fine-tuning), saves that pruned state with the dense network's logits, then
+Learns permuted-MNIST task 1 into a fresh network with a preset's dense phase and pruning schedule (the
+trainer's `learn_dense` and `prune_and_finetune`, as `learn_task` runs them, without the fine-tuning), saves that pruned state with the dense network's logits, then
 fine-tunes copies of it with each variant and reports validation and test accuracy. The test set is only
 reported, never used to choose.
 
@@ -31,10 +31,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from benchmarks.tasks import load_task  # noqa: E402
-from serving.contract import FREE  # noqa: E402
-from trainer.clnp import SCORES, new_owners, preset, task_masks, zero_free_connections  # noqa: E402
+from trainer.clnp import learn_dense, new_owners, preset, prune_and_finetune, task_masks  # noqa: E402
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
-from trainer.pruning import PruneContext, restore, schedule_for  # noqa: E402
+from trainer.pruning import restore  # noqa: E402
 from trainer.training import TaskTrainer, accuracy, train_compact  # noqa: E402
 
 VARIANTS = {
@@ -76,28 +75,13 @@ def pruned_state(cache: Path, preset_name: str, network: str, data_dir, seed: in
         meta = json.loads((cache / "pruned.json").read_text())
         return cfg, task, net, owners, saved["teacher"], meta
     t0 = time.perf_counter()
-    tr = TaskTrainer(net, owners, 0, cfg.seed, cfg.batch_size, show_progress=False)
-    for i, o in enumerate(owners):
-        net.reinit_units(i, (o == FREE), generator=tr.generator)
-    all_on = [torch.ones(len(o)) for o in owners]
-    params, grad_masks = tr.free_unit_parameters()
-    free = [(o == FREE) for o in owners]
-    tr.run_epochs(task.x_train, task.y_train, cfg.dense_plan(), params, grad_masks, all_on, desc="train")
-    dense_val = accuracy(net, task.x_val, task.y_val, 0, all_on)
-    dense_test = accuracy(net, task.x_test, task.y_test, 0, all_on)
-    teacher = tr.logits(task.x_train, all_on)
-    earlier = [o != FREE for o in owners]
-    ctx = PruneContext(net=net, trainer=tr, task=0, x_train=task.x_train, y_train=task.y_train,
-                       accuracy=lambda keep: accuracy(net, task.x_val, task.y_val, 0, ctx.visible(keep)),
-                       candidates=free, earlier=earlier, score_samples=cfg.activity_samples,
-                       recovery=cfg.recovery_plan(), teacher=teacher, x_val=task.x_val, y_val=task.y_val)
-    schedule = schedule_for(cfg.schedule, cfg.prune_fraction, cfg.min_prune_fraction, cfg.max_prune_steps)
-    result = schedule(ctx, SCORES[cfg.score], dense_val, cfg.max_drop)
-    for i in range(len(owners)):
-        owners[i][free[i] & result.keep[i]] = 0
-    zero_free_connections(net, owners, 0)  # pruned units are cut out, as learn_task does
+    dense = learn_dense(net, owners, 0, task, cfg)  # learn_task's steps 1 and 2
+    dense_val, dense_test = dense.validation, accuracy(net, task.x_test, task.y_test, 0, dense.masks)
+    # steps 3 and 4 without the fine-tuning, which the variants do
+    result = prune_and_finetune(net, dense, task, replace(cfg, finetune_epochs=0))
+    owners, teacher = result.owners, dense.teacher
     meta = {"dense_validation": dense_val, "dense_test": dense_test, "units": [int((o == 0).sum()) for o in owners],
-            "max_drop": cfg.max_drop, "prune_steps": result.steps, "seconds": round(time.perf_counter() - t0, 1)}
+            "max_drop": cfg.max_drop, "prune_steps": result.prune_steps, "seconds": round(time.perf_counter() - t0, 1)}
     cache.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v.contiguous() for k, v in net.state_tensors().items()}
     tensors.update({f"owners.{i}": o.contiguous() for i, o in enumerate(owners)}, teacher=teacher.contiguous())

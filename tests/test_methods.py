@@ -513,3 +513,49 @@ def test_full_teacher_is_trained_on_the_task_alone_and_teaches_recovery_and_fine
         preset("default", teacher="full", distill=0.0)
     with pytest.raises(ConfigError, match="teacher 'full'"):
         preset("default", distill_dense=True)
+
+
+def test_learn_task_steps_as_public_pieces_match_it_bit_for_bit_and_prune_again_from_a_restored_dense_net(data_dir):
+    """learn_dense then prune_and_finetune (what the pruning and fine-tuning probes call) is learn_task's steps 1-4:
+    the same network and owners bit for bit. Pruning again from the restored dense network and generator state, as
+    a probe does for each variant, gives the same result again: the probes measure the method itself."""
+    import copy
+
+    from benchmarks.tasks import load_task
+    from trainer.clnp import learn_dense, learn_task, prune_and_finetune
+    from trainer.pruning import restore
+
+    spec = parse_network_spec(NETWORK)
+    config = preset("default", **{**FAST, "finetune_epochs": 3})
+    task = load_task("permuted-mnist:2", spec, str(data_dir), 1000, 0, "cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        net = MaskedNetwork(spec)
+        net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(1))
+        return net, new_owners(net)
+
+    net_a, owners_a = fresh()
+    owners_a, outcome = learn_task(net_a, owners_a, 0, task, config)
+
+    net_b, owners_b = fresh()
+    dense = learn_dense(net_b, owners_b, 0, task, config)
+    assert all(torch.equal(o, p) for o, p in zip(dense.owners, owners_b))  # the caller's owners are not changed
+    base, generator = copy.deepcopy(net_b.state_tensors()), dense.trainer.generator.get_state()
+    results = []
+    for _ in range(2):
+        restore(net_b, base)
+        dense.trainer.generator.set_state(generator)
+        dense.trainer.owners = dense.owners
+        pruned = prune_and_finetune(net_b, dense, task, config)
+        results.append(({k: v.clone() for k, v in net_b.state_tensors().items()}, pruned))
+    for state, pruned in results:
+        assert all(torch.equal(o, p) for o, p in zip(owners_a, pruned.owners))
+        assert 0 < int((pruned.owners[0] == 0).sum()) < spec.layers[0].units  # it pruned, and kept something
+        assert pruned.validation == outcome.validation_accuracy
+        assert pruned.prune_steps == outcome.prune_steps and pruned.units_pruned == outcome.units_pruned
+        assert dense.validation == outcome.dense_validation_accuracy
+        reference = net_a.state_tensors()
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference), "steps 1-4 differ from learn_task's"
+    assert all(torch.equal(o, p) for o, p in zip(dense.owners, owners_b))  # pruning left the dense record alone

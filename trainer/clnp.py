@@ -3,7 +3,8 @@
 Ownership: `owners[i]` is an int64 tensor (units_i,) holding, per unit of hidden layer i, the index of
 the task that owns it or FREE (-1). Task t's mask is "owned by a task <= t" (serving.contract.visible_to).
 
-Learning task t (see `learn_task`):
+Learning task t (see `learn_task`; steps 1-2 are `learn_dense`, steps 3-4 `prune_and_finetune`, public so
+that a probe can start from a cached dense network and still run the method itself):
 1. FREE units get fresh incoming weights and biases; task t gets a fresh head.
 2. Train with Adam on cross-entropy (with dropout on the hidden units, optionally + alpha * L1 of the FREE
    units' activations; with `config.distill_dense`, + distillation from the "full" teacher of step 3).
@@ -267,6 +268,36 @@ def _zero_block(view: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> N
     view[rows.nonzero().flatten().reshape(-1, 1), cols.nonzero().flatten().reshape(1, -1)] = 0.0
 
 
+@dataclass
+class DenseTask:
+    """Task `task` learned into the FREE units, before pruning: what `learn_dense` (learn_task's steps 1 and 2)
+    hands to `prune_and_finetune` (steps 3 and 4). A probe that caches a dense network builds one from its cache."""
+
+    task: int
+    owners: list[torch.Tensor]  # ownership before the task (on the data's device): its FREE units are the candidates
+    trainer: TaskTrainer  # the task's trainer; its generator carries on into pruning and fine-tuning
+    masks: list[torch.Tensor]  # the units the dense network sees (every unit; isolated, the FREE ones)
+    validation: float  # the dense network's validation accuracy, percent
+    teacher: torch.Tensor | None  # distillation's teacher logits on the training inputs; None without distillation
+    teacher_validation: float | None = None  # config.teacher == "full": that teacher's validation accuracy
+    epoch_seconds: list[float] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # "teacher", "train" -> wall s
+
+
+@dataclass
+class PrunedTask:
+    """What `prune_and_finetune` kept: the task's units and how it scored on validation on the way."""
+
+    owners: list[torch.Tensor]  # ownership with the task's kept units (on the data's device)
+    units_pruned: dict[str, int]  # layer -> FREE units the task gave back
+    prune_steps: int
+    pruned_validation: float  # after pruning, percent
+    validation: float  # of the network kept: fine-tuned, or pruned where fine-tuning was discarded
+    finetune_discarded: float | None  # validation % of a discarded fine-tuning; None when kept or not run
+    epoch_seconds: list[float] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # "prune", "fine-tune" -> wall s
+
+
 def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
                show_progress: bool = False,
                on_phase: Callable[[str, list[torch.Tensor]], None] | None = None) -> tuple[list[torch.Tensor], TaskOutcome]:
@@ -279,88 +310,15 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     nothing it does feeds back into learning.
     Raises CapacityExhaustedError if a layer has no FREE unit (before anything changes).
     """
-    check_capacity(net, owners)
     t0 = time.perf_counter()
-    torch.manual_seed(config.seed)
     names = net.spec.layer_names
-    device = data.x_train.device
-    owners = [o.to(device).clone() for o in owners]
-    tr = TaskTrainer(net, owners, task, config.seed, config.batch_size, show_progress, isolated=config.isolate)
-    for i, o in enumerate(owners):
-        net.reinit_units(i, (o == FREE).cpu(), generator=tr.generator)
-    if config.isolate:
-        cut_earlier_connections(net, owners, task)
-    phases = {}
-    teacher, teacher_acc = None, None
-    if config.teacher == "full":  # (CLNPConfig refuses it without distillation); its own generators, so the
-        # dense phase below is the same whether it runs first or not
-        teacher, teacher_acc = full_teacher(net, task, data, config, show_progress)
-        phases["teacher"] = time.perf_counter() - t0
-
-    # ---- 2. learn the task in the FREE units (every unit visible; isolated, every FREE unit) --------
-    t_phase = time.perf_counter()
-    dense_masks = [torch.ones(len(o), device=device) if not config.isolate else (o == FREE).float() for o in owners]
-    params, grad_masks = tr.free_unit_parameters()
-    free = [(o == FREE) for o in owners]
-    epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, dense_masks,
-                                  penalty_units=[f.float() for f in free],
-                                  teacher=teacher if config.distill_dense else None, desc="train")
-    phases["train"] = time.perf_counter() - t_phase
-    t_phase = time.perf_counter()
-    dense_acc = accuracy(net, data.x_val, data.y_val, task, dense_masks)
-    phase_acc = {"train": dense_acc}
     report = on_phase or (lambda name, masks: None)
-    report("train", dense_masks)
-    if teacher is None and config.distill > 0:
-        teacher = tr.logits(data.x_train, dense_masks)
-
-    # ---- 3. prune with graceful forgetting --------------------------------------------------------
-    # what the task sees besides its candidates: earlier tasks' units, or isolated, none
-    earlier = [(o != FREE) & (not config.isolate) for o in owners]
-    ctx = PruneContext(
-        net=net, trainer=tr, task=task, x_train=data.x_train, y_train=data.y_train,
-        accuracy=lambda keep: accuracy(net, data.x_val, data.y_val, task, ctx.visible(keep)),
-        candidates=free, earlier=earlier, score_samples=config.activity_samples, recovery=config.recovery_plan(),
-        teacher=teacher, x_val=data.x_val, y_val=data.y_val,
-    )
-    schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps,
-                            config.min_units, config.prune_rank)
-    result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
-    epoch_seconds += result.epoch_seconds
-    pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}
-    for i in range(len(owners)):
-        owners[i][free[i] & result.keep[i]] = task
-    zero_free_connections(net, owners, task)
-    pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
-    phases["prune"] = time.perf_counter() - t_phase
-    phase_acc["prune"] = pruned_acc
-    report("prune", task_masks(owners, task))
-    t_phase = time.perf_counter()
-    logger.info("task %d: dense %.2f%%, pruned %.2f%% after %d step(s), kept %s", task, dense_acc, pruned_acc,
-                result.steps, [int((o == task).sum()) for o in owners])
-
-    # ---- 4. fine-tune the kept units ----------------------------------------------------------
-    discarded = None
-    if config.finetune_epochs > 0:
-        before = copy.deepcopy(net.state_tensors())
-        tr.owners = owners  # the task's units are its own now
-        seen = [o == task for o in owners] if config.isolate else [m.bool() for m in task_masks(owners, task)]
-        epoch_seconds += train_compact(tr, seen, config.finetune_plan(),
-                                       data.x_train, data.y_train, own_units=True, teacher=teacher, desc="fine-tune")
-        tuned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
-        within_bound = config.finetune_keep == "bound" and tuned_acc >= dense_acc - config.max_drop
-        if tuned_acc < pruned_acc and not within_bound:
-            restore(net, before)
-            discarded = tuned_acc
-            logger.info("task %d: fine-tuning ended at %.2f%% validation, under the pruned network's %.2f%%%s; "
-                        "kept the pruned network", task, tuned_acc, pruned_acc,
-                        f" and more than {config.max_drop} under dense" if config.finetune_keep == "bound" else "")
-        else:
-            pruned_acc = tuned_acc
-
-    phases["fine-tune"] = time.perf_counter() - t_phase
-    phase_acc["fine-tune"] = pruned_acc  # the network kept: fine-tuned, or pruned where fine-tuning was discarded
-    report("fine-tune", task_masks(owners, task))
+    dense = learn_dense(net, owners, task, data, config, show_progress)  # steps 1 and 2
+    report("train", dense.masks)
+    pruned = prune_and_finetune(net, dense, data, config, report)  # steps 3 and 4
+    owners, pruned_acc = pruned.owners, pruned.validation
+    phases = {**dense.phase_seconds, **pruned.phase_seconds}
+    phase_acc = {"train": dense.validation, "prune": pruned.pruned_validation, "fine-tune": pruned_acc}
     t_phase = time.perf_counter()
 
     # ---- 5. prune task t's connections from earlier units (the reuse measure) -----------------
@@ -381,21 +339,117 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
     owners = [o.cpu() for o in owners]
     outcome = TaskOutcome(
         index=task,
-        dense_validation_accuracy=dense_acc,
+        dense_validation_accuracy=dense.validation,
         validation_accuracy=pruned_acc,
         units_kept={n: int((o == task).sum()) for n, o in zip(names, owners)},
-        units_pruned=pruned_count,
+        units_pruned=pruned.units_pruned,
         reused=reused,
         connections_pruned=fractions,
-        epoch_seconds=epoch_seconds,
+        epoch_seconds=dense.epoch_seconds + pruned.epoch_seconds,
         seconds=time.perf_counter() - t0,
-        prune_steps=result.steps,
+        prune_steps=pruned.prune_steps,
         phase_seconds=phases,
         phase_validation=phase_acc,
-        finetune_discarded=discarded,
-        teacher_validation=teacher_acc,
+        finetune_discarded=pruned.finetune_discarded,
+        teacher_validation=dense.teacher_validation,
     )
     return owners, outcome
+
+
+def learn_dense(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
+                show_progress: bool = False) -> DenseTask:
+    """learn_task's steps 1 and 2: fresh FREE units, then the task learned in them (every unit visible; isolated,
+    every FREE unit). `net` is changed in place (FREE units and head `task` only); `owners` is not.
+    Raises CapacityExhaustedError if a layer has no FREE unit (before anything changes)."""
+    check_capacity(net, owners)
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    device = data.x_train.device
+    owners = [o.to(device).clone() for o in owners]
+    tr = TaskTrainer(net, owners, task, config.seed, config.batch_size, show_progress, isolated=config.isolate)
+    for i, o in enumerate(owners):
+        net.reinit_units(i, (o == FREE).cpu(), generator=tr.generator)
+    if config.isolate:
+        cut_earlier_connections(net, owners, task)
+    phases = {}
+    teacher, teacher_acc = None, None
+    if config.teacher == "full":  # (CLNPConfig refuses it without distillation); its own generators, so the
+        # dense phase below is the same whether it runs first or not
+        teacher, teacher_acc = full_teacher(net, task, data, config, show_progress)
+        phases["teacher"] = time.perf_counter() - t0
+
+    t_phase = time.perf_counter()
+    dense_masks = [torch.ones(len(o), device=device) if not config.isolate else (o == FREE).float() for o in owners]
+    params, grad_masks = tr.free_unit_parameters()
+    epoch_seconds = tr.run_epochs(data.x_train, data.y_train, config.dense_plan(), params, grad_masks, dense_masks,
+                                  penalty_units=[(o == FREE).float() for o in owners],
+                                  teacher=teacher if config.distill_dense else None, desc="train")
+    phases["train"] = time.perf_counter() - t_phase
+    dense_acc = accuracy(net, data.x_val, data.y_val, task, dense_masks)
+    if teacher is None and config.distill > 0:
+        teacher = tr.logits(data.x_train, dense_masks)
+    return DenseTask(task, owners, tr, dense_masks, dense_acc, teacher, teacher_acc, epoch_seconds, phases)
+
+
+def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPConfig,
+                       on_phase: Callable[[str, list[torch.Tensor]], None] | None = None) -> PrunedTask:
+    """learn_task's steps 3 and 4 on a task `learn_dense` learned: prune with graceful forgetting, give the kept
+    units to the task, zero what the pruned units connected, and fine-tune (kept by `config.finetune_keep`).
+    `net` is changed in place; `dense` is not, apart from its trainer's generator and owners, so a probe can
+    restore the network and the generator state and prune the same dense network again with other settings.
+    on_phase is called as learn_task's ("prune", "fine-tune")."""
+    task, tr, dense_acc, teacher = dense.task, dense.trainer, dense.validation, dense.teacher
+    report = on_phase or (lambda name, masks: None)
+    names = net.spec.layer_names
+    owners = [o.clone() for o in dense.owners]
+    t_phase = time.perf_counter()
+
+    # ---- 3. prune with graceful forgetting --------------------------------------------------------
+    free = [o == FREE for o in owners]
+    # what the task sees besides its candidates: earlier tasks' units, or isolated, none
+    earlier = [(o != FREE) & (not config.isolate) for o in owners]
+    ctx = PruneContext(
+        net=net, trainer=tr, task=task, x_train=data.x_train, y_train=data.y_train,
+        accuracy=lambda keep: accuracy(net, data.x_val, data.y_val, task, ctx.visible(keep)),
+        candidates=free, earlier=earlier, score_samples=config.activity_samples, recovery=config.recovery_plan(),
+        teacher=teacher, x_val=data.x_val, y_val=data.y_val,
+    )
+    schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps,
+                            config.min_units, config.prune_rank)
+    result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
+    epoch_seconds = list(result.epoch_seconds)
+    pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}
+    for i in range(len(owners)):
+        owners[i][free[i] & result.keep[i]] = task
+    zero_free_connections(net, owners, task)
+    pruned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
+    phases = {"prune": time.perf_counter() - t_phase}
+    report("prune", task_masks(owners, task))
+    t_phase = time.perf_counter()
+    logger.info("task %d: dense %.2f%%, pruned %.2f%% after %d step(s), kept %s", task, dense_acc, pruned_acc,
+                result.steps, [int((o == task).sum()) for o in owners])
+
+    # ---- 4. fine-tune the kept units ----------------------------------------------------------
+    kept_acc, discarded = pruned_acc, None
+    if config.finetune_epochs > 0:
+        before = copy.deepcopy(net.state_tensors())
+        tr.owners = owners  # the task's units are its own now
+        seen = [o == task for o in owners] if config.isolate else [m.bool() for m in task_masks(owners, task)]
+        epoch_seconds += train_compact(tr, seen, config.finetune_plan(),
+                                       data.x_train, data.y_train, own_units=True, teacher=teacher, desc="fine-tune")
+        tuned_acc = accuracy(net, data.x_val, data.y_val, task, task_masks(owners, task))
+        within_bound = config.finetune_keep == "bound" and tuned_acc >= dense_acc - config.max_drop
+        if tuned_acc < pruned_acc and not within_bound:
+            restore(net, before)
+            discarded = tuned_acc
+            logger.info("task %d: fine-tuning ended at %.2f%% validation, under the pruned network's %.2f%%%s; "
+                        "kept the pruned network", task, tuned_acc, pruned_acc,
+                        f" and more than {config.max_drop} under dense" if config.finetune_keep == "bound" else "")
+        else:
+            kept_acc = tuned_acc
+    phases["fine-tune"] = time.perf_counter() - t_phase
+    report("fine-tune", task_masks(owners, task))
+    return PrunedTask(owners, pruned_count, result.steps, pruned_acc, kept_acc, discarded, epoch_seconds, phases)
 
 
 def train_alone(spec, num_classes: int, scale: torch.Tensor, shift: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
