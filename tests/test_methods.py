@@ -107,6 +107,10 @@ def test_unknown_method_names_are_refused():
         preset("default", precision="fp16")
     with pytest.raises(ConfigError, match="max_drop -0.5"):
         preset("default", max_drop=-0.5)
+    with pytest.raises(ConfigError, match="learning-rate schedule 'linear'"):
+        preset("default", recovery_lr_schedule="linear")
+    assert preset("default").recovery_plan().lr_schedule == "constant"  # the recovery every recorded run used
+    assert preset("default", recovery_lr_schedule="cosine").recovery_plan().lr_schedule == "cosine"
 
 
 @pytest.mark.parametrize("spec", ["mlp:20-12-10", "cnn:1x8x8-c4-d6"])

@@ -93,6 +93,8 @@ class CLNPConfig:
     # together by score ("global"); RANKS
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
     recovery_lr: float = 0.0003  # iterative: Adam's step size while retraining after a step
+    recovery_lr_schedule: str = "constant"  # iterative: the retraining's schedule over recovery_epochs (as lr_schedule;
+    # "cosine" ends it at 0, as the dense phase ends)
     recovery_early_stop: bool = True  # iterative: stop retraining once validation accuracy is back (checked 4x/epoch)
     distill: float = 0.5  # weight of distillation from the teacher while retraining and fine-tuning (0: off)
     distill_temperature: float = 2.0  # softening of both networks' logits in the distillation term
@@ -120,7 +122,7 @@ class CLNPConfig:
             raise ConfigError(f"unknown unit score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown pruning schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for value in (self.lr_schedule, self.finetune_lr_schedule):
+        for value in (self.lr_schedule, self.recovery_lr_schedule, self.finetune_lr_schedule):
             if value not in LR_SCHEDULES:
                 raise ConfigError(f"unknown learning-rate schedule {value!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -164,7 +166,7 @@ class CLNPConfig:
                          precision=self.precision)
 
     def recovery_plan(self) -> EpochPlan:
-        return EpochPlan(self.recovery_epochs, self.recovery_lr, "constant", dropout=self.dropout,
+        return EpochPlan(self.recovery_epochs, self.recovery_lr, self.recovery_lr_schedule, self.lr_decay, dropout=self.dropout,
                          distill=self.distill, temperature=self.distill_temperature,
                          check_every=0.25 if self.recovery_early_stop else 0.0, precision=self.precision)
 
