@@ -2,9 +2,9 @@
 """How much of the pruning loss can fine-tuning win back?
 
 Learns permuted-MNIST task 1 into a fresh network with a preset's dense phase and pruning schedule (the
-trainer's `learn_dense` and `prune_and_finetune`, as `learn_task` runs them, without the fine-tuning), saves that pruned state with the dense network's logits, then
-fine-tunes copies of it with each variant and reports validation and test accuracy. The test set is only
-reported, never used to choose.
+trainer's `learn_dense` and `prune_and_finetune`, as `learn_task` runs them, without the fine-tuning), saves
+that pruned state with the dense network's logits, then fine-tunes copies of it with each variant and reports
+validation and test accuracy. The test set is only reported, never used to choose.
 
     python benchmarks/finetune_probe.py --cache /tmp/ftprobe --variant default --variant long-hard
 
