@@ -43,18 +43,11 @@ from trainer.training import TaskTrainer, accuracy  # noqa: E402
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    out: dict = {}
-    types = {f: type(getattr(CLNPConfig(), f)) for f in CLNPConfig.__dataclass_fields__}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        if k not in types:
-            raise SystemExit(f"error: unknown setting {k!r} in variant {name!r}; use CLNPConfig fields")
-        out[k] = (v.lower() in ("1", "true")) if types[k] is bool else types[k](v)
-    return name, out
+    return name, parse_settings(list(filter(None, rest.split(","))), where=f"--variant {name}:")
 
 
 def dense_state(cache: Path, preset_name: str, network: str, data_dir, seed: int,
-                settings: dict) -> tuple[CLNPConfig, object, MaskedNetwork, DenseTask, dict]:
+                settings: dict) -> tuple[object, MaskedNetwork, DenseTask, dict]:
     """The task-1 dense network (`learn_dense`, as learn_task runs it) and the trainer's generator state after
     it, from the cache when present."""
     spec = parse_network_spec(network)
@@ -66,16 +59,16 @@ def dense_state(cache: Path, preset_name: str, network: str, data_dir, seed: int
     net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(cfg.seed + 1))
     f = cache / "dense.safetensors"
     if f.exists():
-        saved = load_file(f)
-        restore(net, {k[4:]: v for k, v in saved.items() if k.startswith("net.")})
-        tr = TaskTrainer(net, owners, 0, cfg.seed, cfg.batch_size)
-        tr.generator.set_state(saved["generator"])
         meta = json.loads((cache / "dense.json").read_text())
         if meta.get("settings", {}) != settings:
             raise SystemExit(f"error: {cache} holds a dense network learned with --set {meta.get('settings', {})}, not "
                              f"{settings}; use another --cache or the same --set")
+        saved = load_file(f)
+        restore(net, {k[4:]: v for k, v in saved.items() if k.startswith("net.")})
+        tr = TaskTrainer(net, owners, 0, cfg.seed, cfg.batch_size)
+        tr.generator.set_state(saved["generator"])
         every = [torch.ones(len(o)) for o in owners]
-        return cfg, task, net, DenseTask(0, owners, tr, every, meta["dense_validation"], saved["teacher"]), meta
+        return task, net, DenseTask(0, owners, tr, every, meta["dense_validation"], saved["teacher"]), meta
     t0 = time.perf_counter()
     dense = learn_dense(net, owners, 0, task, cfg)
     meta = {"seed": seed, "preset": preset_name, "settings": settings, "dense_validation": dense.validation,
@@ -86,7 +79,7 @@ def dense_state(cache: Path, preset_name: str, network: str, data_dir, seed: int
     tensors.update(teacher=dense.teacher.contiguous(), generator=dense.trainer.generator.get_state())
     save_file(tensors, f)
     (cache / "dense.json").write_text(json.dumps(meta))
-    return cfg, task, net, dense, meta
+    return task, net, dense, meta
 
 
 def prune_and_tune(cfg: CLNPConfig, task, net: MaskedNetwork, dense: DenseTask) -> dict:
@@ -120,14 +113,13 @@ def main(argv=None) -> int:
     variants = [parse_variant(v) for v in args.variant]
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each pruning step, on stderr
     settings = parse_settings(args.set)
-    cfg, task, net, dense, meta = dense_state(args.cache, args.preset, args.network, args.data_dir, args.seed,
+    task, net, dense, meta = dense_state(args.cache, args.preset, args.network, args.data_dir, args.seed,
                                               settings)
     print(json.dumps({"dense": meta}), flush=True)
     base, gen = copy.deepcopy(net.state_tensors()), dense.trainer.generator.get_state()
     for name, v in variants:
         restore(net, base)
         dense.trainer.generator.set_state(gen)
-        dense.trainer.owners = dense.owners
         out = prune_and_tune(preset(args.preset, seed=args.seed, **{**settings, **v}), task, net, dense)
         print(json.dumps({"variant": name, "settings": v, **{k: (round(x, 3) if isinstance(x, float) else x)
                                                              for k, x in out.items()}}), flush=True)

@@ -174,14 +174,15 @@ def load_state(out: Path, spec_text: str):
 # ---- running ----------------------------------------------------------------------------------------
 
 
-def parse_settings(pairs: list[str]) -> dict:
-    """`--set KEY=VALUE ...` as CLNPConfig overrides, each value parsed as its field's type."""
+def parse_settings(pairs: list[str], where: str = "--set") -> dict:
+    """`--set KEY=VALUE ...` as CLNPConfig overrides, each value parsed as its field's type (`where` names the
+    option in an error)."""
     kinds = {f.name: f.type for f in fields(CLNPConfig)}
     out = {}
     for kv in pairs:
         key, _, value = kv.partition("=")
         if key not in kinds:
-            raise SystemExit(f"error: --set {kv}: unknown option {key!r}")
+            raise SystemExit(f"error: {where} {kv}: unknown option {key!r}")
         out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes"), "str": str}[kinds[key]](value)
     return out
 

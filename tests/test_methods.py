@@ -550,7 +550,6 @@ def test_learn_task_steps_as_public_pieces_match_it_bit_for_bit_and_prune_again_
     for _ in range(2):
         restore(net_b, base)
         dense.trainer.generator.set_state(generator)
-        dense.trainer.owners = dense.owners
         pruned = prune_and_finetune(net_b, dense, task, config)
         results.append(({k: v.clone() for k, v in net_b.state_tensors().items()}, pruned))
     for state, pruned in results:

@@ -166,8 +166,8 @@ class CLNPConfig:
                          precision=self.precision)
 
     def recovery_plan(self) -> EpochPlan:
-        return EpochPlan(self.recovery_epochs, self.recovery_lr, self.recovery_lr_schedule, self.lr_decay, dropout=self.dropout,
-                         distill=self.distill, temperature=self.distill_temperature,
+        return EpochPlan(self.recovery_epochs, self.recovery_lr, self.recovery_lr_schedule, self.lr_decay,
+                         dropout=self.dropout, distill=self.distill, temperature=self.distill_temperature,
                          check_every=0.25 if self.recovery_early_stop else 0.0, precision=self.precision)
 
     def finetune_plan(self) -> EpochPlan:
@@ -397,8 +397,8 @@ def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPC
                        on_phase: Callable[[str, list[torch.Tensor]], None] | None = None) -> PrunedTask:
     """learn_task's steps 3 and 4 on a task `learn_dense` learned: prune with graceful forgetting, give the kept
     units to the task, zero what the pruned units connected, and fine-tune (kept by `config.finetune_keep`).
-    `net` is changed in place; `dense` is not, apart from its trainer's generator and owners, so a probe can
-    restore the network and the generator state and prune the same dense network again with other settings.
+    `net` is changed in place; `dense` is not, apart from its trainer's generator, so a probe can restore the
+    network and the generator state and prune the same dense network again with other settings.
     on_phase is called as learn_task's ("prune", "fine-tune")."""
     task, tr, dense_acc, teacher = dense.task, dense.trainer, dense.validation, dense.teacher
     report = on_phase or (lambda name, masks: None)
@@ -449,6 +449,7 @@ def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPC
                         f" and more than {config.max_drop} under dense" if config.finetune_keep == "bound" else "")
         else:
             kept_acc = tuned_acc
+        tr.owners = dense.owners  # the trainer is the dense task's again (nothing in learn_task trains after this)
     phases["fine-tune"] = time.perf_counter() - t_phase
     report("fine-tune", task_masks(owners, task))
     return PrunedTask(owners, pruned_count, result.steps, pruned_acc, kept_acc, discarded, epoch_seconds, phases)
