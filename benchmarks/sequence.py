@@ -82,6 +82,8 @@ class TaskResult:
     finetune_discarded: float | None = None
     # CLNP with teacher "full": validation % of the network trained on the task alone that taught it; None otherwise
     teacher_validation: float | None = None
+    # CLNP with max_units: layer -> units the max_drop search kept before the cap cut the layer; empty otherwise
+    capped: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -278,7 +280,8 @@ def run(args) -> RunRecord:
             f"free {done.free_after}, {done.seconds:.0f}s; average so far {avg:.3f}"
             + ("" if done.finetune_discarded is None else
                f"; fine-tuning discarded (it ended at val {done.finetune_discarded:.2f})")
-            + ("" if done.teacher_validation is None else f"; teacher val {done.teacher_validation:.2f}"))
+            + ("" if done.teacher_validation is None else f"; teacher val {done.teacher_validation:.2f}")
+            + ("" if not done.capped else f"; max_units cut it from {done.capped}"))
         del task
     return record
 
@@ -341,7 +344,8 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
             "phase_validation": {k: round(v, 3) for k, v in outcome.phase_validation.items()},
             "phase_test": phase_test, "seconds": time.perf_counter() - t0,
             "finetune_discarded": None if outcome.finetune_discarded is None else round(outcome.finetune_discarded, 3),
-            "teacher_validation": None if outcome.teacher_validation is None else round(outcome.teacher_validation, 3)}
+            "teacher_validation": None if outcome.teacher_validation is None else round(outcome.teacher_validation, 3),
+            "capped": dict(outcome.capped)}
 
 
 def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: str = "cpu") -> dict:

@@ -298,6 +298,35 @@ def test_min_units_is_a_floor_that_pruning_never_crosses(schedule, rank, tmp_pat
         preset("default", min_units=-1)
 
 
+@pytest.mark.parametrize("schedule,rank", [(s, "layer") for s in sorted(SCHEDULES)] + [("iterative", "global")])
+def test_max_units_is_a_cap_that_cuts_past_the_max_drop_and_changes_nothing_where_it_does_not_bind(
+        schedule, rank, tmp_path, data_dir):
+    # max_drop 0: the bound alone keeps many units; a cap under that count cuts every layer to it exactly
+    strict = dict(FAST, epochs=1, recovery_epochs=0.5, max_drop=0.0, finetune_epochs=1, schedule=schedule,
+                  prune_rank=rank)
+    runs = {}
+    for cap in (0, 5, 64):
+        root = tmp_path / f"repo-{cap}"
+        runs[cap] = (root, add_task(root, "a", "permuted-mnist:1", network=NETWORK,
+                                    config=preset("default", **strict, max_units=cap), limit=500,
+                                    data_dir=str(data_dir)).outcome)
+    bound = runs[0][1].units_kept
+    assert min(bound.values()) > 5, bound  # the premise: the bound alone keeps more than the cap
+    assert runs[0][1].capped == {} and runs[64][1].capped == {}
+    assert runs[5][1].capped == bound  # what the bound alone kept, reported
+    assert set(runs[5][1].units_kept.values()) == {5}
+    assert runs[5][1].prune_steps == runs[0][1].prune_steps + 1  # the cut to the cap is one more step
+    # a cap above every layer's free units never binds: the same network, bit for bit
+    a, b = ((r, r.read_manifest(1)) for r in (ModelRepository.open(runs[c][0]) for c in (0, 64)))
+    a, b = a[0].load_weights(a[1]), b[0].load_weights(b[1])
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="max_units"):
+        preset("default", max_units=-1)
+    with pytest.raises(ConfigError, match="above max_units"):
+        preset("default", min_units=30, max_units=20)
+    assert preset("default", min_units=30, max_units=0).min_units == 30  # 0: no cap, any floor
+
+
 def test_global_rank_cuts_the_lowest_scores_of_all_layers_together_above_each_floor():
     keep = [torch.tensor([True, True, True, True, False]), torch.tensor([True, True, True, True])]
     scores = [torch.tensor([0.5, 0.1, 0.9, 0.2, 0.0], dtype=torch.float64),

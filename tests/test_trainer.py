@@ -276,6 +276,8 @@ BAD_INPUTS = {
     "bad network spec": (["-t", "x", "-d", "mnist", "-n", "mlp:abc"], "invalid network spec"),
     "bound for a step that is off": (["-t", "x", "-d", "mnist", "--reuse-max-drop", "0.1"], "--connection-pruning"),
     "dense distillation without its teacher": (["-t", "x", "-d", "mnist", "--distill-dense"], "--teacher full"),
+    "unit floor above the cap": (["-t", "x", "-d", "mnist", "--min-units", "50", "--max-units", "20"],
+                                 "lower --min-units or raise --max-units"),
 }
 
 
@@ -448,7 +450,8 @@ def test_unwritable_repository_is_one_line_before_any_training(tmp_path, data_di
 @pytest.mark.parametrize("option,bad,good,key,value", [
     ("--precision", "fp16", "bf16", "precision", "bf16"),
     ("--finetune-average", "1", "0.99", "finetune_average", 0.99),
-    ("--prune-rank", "everywhere", "global", "prune_rank", "global")])
+    ("--prune-rank", "everywhere", "global", "prune_rank", "global"),
+    ("--max-units", "-1", "40", "max_units", 40)])
 def test_add_task_training_option_reaches_the_record(option, bad, good, key, value, tmp_path, data_dir):
     """A training option reaches the trainer and the version's training record; a bad value changes nothing."""
     root = tmp_path / "repo"
@@ -460,3 +463,32 @@ def test_add_task_training_option_reaches_the_record(option, bad, good, key, val
     assert res.exit_code == 0, res.output
     record = ModelRepository.open(root).read_manifest(1).tasks[0]
     assert record.training["config"][key] == value
+
+
+def test_add_task_warns_when_a_task_keeps_most_of_a_layer_and_says_what_a_cap_cost(tmp_path, data_dir):
+    """A task that keeps more than half of a layer's free units is warned about (with what bounds it); a cap
+    (--max-units) cuts past the max drop, and the summary says what the bound alone would have kept."""
+    args = ["-d", "permuted-mnist:2", "--network", "mlp:784-32-32", "--epochs", "1", "--finetune-epochs", "1",
+            "--limit", "500", "--data-dir", str(data_dir)]
+    root = tmp_path / "repo"
+    res = CliRunner().invoke(cli, ["add-task", "-r", str(root), "-t", "all", *args, "--min-units", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["units_kept"] == {"layer1": 32, "layer2": 32} and out["units_capped_from"] == {}
+    assert [w.split(" (")[0] for w in out["warnings"]] == [
+        "the task kept 32 of the 32 free units of layer1", "the task kept 32 of the 32 free units of layer2"]
+    assert all("--max-units N caps" in w for w in out["warnings"])
+
+    capped = tmp_path / "capped"
+    res = CliRunner().invoke(cli, ["add-task", "-r", str(capped), "-t", "small", *args, "--max-drop", "0",
+                                   "--max-units", "3"])
+    assert res.exit_code == 0, res.output
+    record = ModelRepository.open(capped).read_manifest(1).tasks[0]
+    before = record.training["units_capped_from"]
+    # max drop 0 on 32 units: the bound alone keeps more than 3 in each layer, so the cap cut both
+    assert set(before) == {"layer1", "layer2"} and min(before.values()) > 3, before
+    manifest = ModelRepository.open(capped).read_manifest(1)
+    assert all(l.units - l.free == 3 for l in manifest.layers)
+    line = next(l for l in res.output.splitlines() if l.strip().startswith("max units 3:"))
+    assert f"layer1 {before['layer1']}, layer2 {before['layer2']}" in line and " the unpruned network" in line
+    assert "warning:" not in res.output  # 3 of 32 is no large share

@@ -126,6 +126,10 @@ def cli(verbose: bool) -> None:
 @click.option("--min-units", type=click.IntRange(min=0), default=None,
               help="Pruning leaves the new task at least this many units per layer (of the free ones), to spend "
                    f"spare capacity on accuracy [default: {_DEFAULTS.min_units}: max drop alone decides].")
+@click.option("--max-units", type=click.IntRange(min=0), default=None,
+              help="Pruning leaves the new task at most this many units per layer, cutting past the max drop if it "
+                   "must, so no task takes most of a layer; the summary says what the cap cost "
+                   f"[default: {_DEFAULTS.max_units}: no cap].")
 @click.option("--score", type=click.Choice(sorted(_SCORES)), default=None,
               help=f"How units are ranked for pruning [default: {_DEFAULTS.score}].")
 @click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,
@@ -199,7 +203,7 @@ def cli(verbose: bool) -> None:
               help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
+def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
                  distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
@@ -219,7 +223,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard, rank 0 publishes.
     world = distributed.init_from_environment(device)
     try:
-        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, prune_rank, dropout, alpha,
+        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha,
                   distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
                   device, as_json, progress, quiet=world is not None and not world.is_main)
@@ -227,7 +231,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
         distributed.shutdown()
 
 
-def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
+def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
               distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
               reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
               device, as_json, progress, quiet):
@@ -238,6 +242,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units,
+        max_units=max_units,
         prune_rank=prune_rank, distill=distill, teacher=teacher,
         distill_dense=distill_dense, recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
         finetune_average=finetune_average, reuse_max_drop=reuse_max_drop,
@@ -251,6 +256,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         return
     m, o = result.manifest, result.outcome
     record = m.tasks[-1]
+    warnings = large_share_warnings(o.units_kept, o.units_pruned, config.max_units)
     if as_json:
         click.echo(json.dumps({
             "version": m.version, "task": record.name, "index": record.index,
@@ -260,6 +266,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
             "epoch_seconds": o.epoch_seconds, "phase_seconds": o.phase_seconds,
             "phase_validation_accuracy": o.phase_validation, "finetune_discarded_validation_accuracy": o.finetune_discarded,
             "teacher_validation_accuracy": o.teacher_validation,
+            "units_capped_from": o.capped, "warnings": warnings,
             "seconds": result.seconds,
             "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
             "world_size": result.world_size,
@@ -281,10 +288,38 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         click.echo(f"  fine-tuning ended at {o.finetune_discarded:.2f}% validation, under the pruned network"
                    + (f" and more than {config.max_drop} points under the unpruned one"
                       if config.finetune_keep == "bound" else "") + "; the pruned network was kept")
+    if o.capped:
+        drop = o.dense_validation_accuracy - o.phase_validation["prune"]
+        click.echo(f"  max units {config.max_units}: within the max drop pruning would have kept "
+                   + ", ".join(f"{n} {c}" for n, c in o.capped.items())
+                   + f"; cut to the cap, pruned validation was {abs(drop):.2f} points "
+                   + ("under" if drop > 0 else "over") + " the unpruned network"
+                   + (f", past the max drop of {config.max_drop}" if drop > config.max_drop else ""))
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in o.phase_seconds.items())
     click.echo(f"  time: {result.seconds['total']:.1f}s total: {phases}; export {result.seconds['export']:.1f}s")
     click.echo(f"  checks: {result.earlier_tasks_checked} earlier task(s) bit-identical; "
                f"ONNX matches torch to {result.parity_max_difference:.1e}")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+# A task that keeps more than this share of a layer's FREE units gets a warning: two such tasks fill the layer.
+LARGE_SHARE = 0.5
+
+
+def large_share_warnings(kept: dict[str, int], pruned: dict[str, int], max_units: int) -> list[str]:
+    """One line per layer where a task kept more than LARGE_SHARE of the units that were FREE before it (its
+    kept + pruned units), saying how much and what bounds it."""
+    out = []
+    for name, k in kept.items():
+        free = k + pruned.get(name, 0)
+        if free and k > LARGE_SHARE * free:
+            out.append(f"the task kept {k} of the {free} free units of {name} ({100 * k / free:.0f}%), "
+                       f"{free - k} left free; "
+                       + ("lower --max-units to take less per task"
+                          if max_units else "--max-units N caps what a task may keep (at some accuracy cost)")
+                       + ", and `clnp-train capacity` shows what is left")
+    return out
 
 
 @cli.command("evaluate")

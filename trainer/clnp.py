@@ -89,6 +89,7 @@ class CLNPConfig:
     min_prune_fraction: float = 0.05  # iterative: failed steps halve the share; stop below this
     max_prune_steps: int = 24  # iterative: stop after this many steps
     min_units: int = 0  # pruning keeps at least this many units per layer (of those free); 0: only max_drop decides
+    max_units: int = 0  # pruning keeps at most this many units per layer, whatever max_drop allows; 0: no cap
     prune_rank: str = "layer"  # iterative: a step cuts its share of each layer ("layer") or of all layers ranked
     # together by score ("global"); RANKS
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
@@ -157,6 +158,11 @@ class CLNPConfig:
             raise ConfigError(f"distill {self.distill} must be in [0, 1]")
         if self.min_units < 0:
             raise ConfigError(f"min_units {self.min_units} must be >= 0 (units per layer pruning must leave)")
+        if self.max_units < 0:
+            raise ConfigError(f"max_units {self.max_units} must be >= 0 (most units per layer a task may keep; 0: no cap)")
+        if self.max_units and self.min_units > self.max_units:
+            raise ConfigError(f"min_units {self.min_units} is above max_units {self.max_units}: a task cannot keep at "
+                              "least the one and at most the other; lower --min-units or raise --max-units")
         if not 0 < self.prune_fraction < 1 or not 0 < self.min_prune_fraction <= self.prune_fraction:
             raise ConfigError("prune fractions must satisfy 0 < min_prune_fraction <= prune_fraction < 1")
 
@@ -238,6 +244,9 @@ class TaskOutcome:
     # validation % the fine-tuned network ended at when config.finetune_keep discarded it (the pruned network was
     # kept); None when fine-tuning was kept or did not run
     finetune_discarded: float | None = None
+    # layer -> units pruning within max_drop would have kept, where config.max_units cut the layer to its cap;
+    # empty when the cap did not bind
+    capped: dict[str, int] = field(default_factory=dict)
 
 
 def new_owners(net: MaskedNetwork) -> list[torch.Tensor]:
@@ -296,6 +305,7 @@ class PrunedTask:
     pruned_validation: float  # after pruning, percent
     validation: float  # of the network kept: fine-tuned, or pruned where fine-tuning was discarded
     finetune_discarded: float | None  # validation % of a discarded fine-tuning; None when kept or not run
+    capped: dict[str, int] = field(default_factory=dict)  # as TaskOutcome.capped
     epoch_seconds: list[float] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # "prune", "fine-tune" -> wall s
 
@@ -354,6 +364,7 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
         phase_validation=phase_acc,
         finetune_discarded=pruned.finetune_discarded,
         teacher_validation=dense.teacher_validation,
+        capped=pruned.capped,
     )
     return owners, outcome
 
@@ -417,7 +428,7 @@ def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPC
         teacher=teacher, x_val=data.x_val, y_val=data.y_val,
     )
     schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps,
-                            config.min_units, config.prune_rank)
+                            config.min_units, config.prune_rank, config.max_units)
     result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
     epoch_seconds = list(result.epoch_seconds)
     pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}
@@ -452,7 +463,10 @@ def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPC
         tr.owners = dense.owners  # the trainer is the dense task's again (nothing in learn_task trains after this)
     phases["fine-tune"] = time.perf_counter() - t_phase
     report("fine-tune", task_masks(owners, task))
-    return PrunedTask(owners, pruned_count, result.steps, pruned_acc, kept_acc, discarded, epoch_seconds, phases)
+    capped = {} if result.capped_from is None else \
+        {n: c for n, c, k in zip(names, result.capped_from, result.keep) if c > int(k.sum())}
+    return PrunedTask(owners, pruned_count, result.steps, pruned_acc, kept_acc, discarded, capped, epoch_seconds,
+                      phases)
 
 
 def train_alone(spec, num_classes: int, scale: torch.Tensor, shift: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

@@ -249,6 +249,7 @@ def add_task(
                                                            else round(outcome.finetune_discarded, 4)),
                 "teacher_validation_accuracy": (None if outcome.teacher_validation is None
                                                 else round(outcome.teacher_validation, 4)),
+                "units_capped_from": dict(outcome.capped),
                 "seconds": round(outcome.seconds, 2),
             },
         )

@@ -17,7 +17,10 @@ Schedules:
   max_drop of the dense network; after a failed step, restore and halve the fraction, until it is below
   `min_prune_fraction` or `max_prune_steps` steps were tried.
 Both leave at least `min_units` of a layer's candidates (`CLNPConfig.min_units`; 0: max_drop alone decides), a
-floor a team sets when it has capacity to spare and wants it spent on accuracy.
+floor a team sets when it has capacity to spare and wants it spent on accuracy. Both keep at most `max_units`
+(`CLNPConfig.max_units`; 0: no cap), a ceiling a team sets so that no task can take most of a layer: where
+max_drop would keep more, a last step cuts the layer to the cap by score (the iterative schedule then recovers),
+whatever that costs in accuracy, and `PruneResult.capped_from` says what the bound alone would have kept.
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ class PruneResult:
     accuracy: float  # validation accuracy with those units, after any recovery training
     steps: int  # pruning steps tried
     epoch_seconds: list[float]  # recovery training time
+    # units per layer the max_drop search kept before the `max_units` cap cut them (None: the cap did not bind)
+    capped_from: list[int] | None = None
 
 
 class PruneSchedule:
@@ -146,6 +151,7 @@ def _lowest(scores: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
 class OneShotBisection(PruneSchedule):
     name = "one-shot"
     min_units: int = 0  # keep at least this many candidates per layer (where there are that many)
+    max_units: int = 0  # keep at most this many candidates per layer (0: no cap)
 
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         keep = [c.clone() for c in ctx.candidates]
@@ -170,7 +176,8 @@ class OneShotBisection(PruneSchedule):
                 else:
                     hi = mid - 1
             keep[i][order[:lo]] = False
-        return PruneResult(keep, ctx.accuracy(keep), L, [])
+        keep, capped_from = _cap(keep, self.max_units, lambda: score(ctx, keep))
+        return PruneResult(keep, ctx.accuracy(keep), L + (capped_from is not None), [], capped_from)
 
 
 @dataclass
@@ -180,6 +187,7 @@ class IterativeRecovery(PruneSchedule):
     min_fraction: float = 0.05  # stop once a failed step has halved the share below this
     max_steps: int = 12  # stop after this many steps, kept or not
     min_units: int = 0  # keep at least this many candidates per layer (where there are that many)
+    max_units: int = 0  # keep at most this many candidates per layer (0: no cap)
     rank: str = "layer"  # "layer": each step cuts `fraction` of every layer; "global": of all layers together (RANKS)
 
     def __call__(self, ctx, score, dense_accuracy, max_drop):
@@ -215,11 +223,36 @@ class IterativeRecovery(PruneSchedule):
                 logger.info("prune step %d (%.3f): %s would give %.2f%% < floor %.2f; restored", steps, fraction,
                             kept, trial_acc, floor)
                 fraction /= 2
-        return PruneResult(keep, accuracy, steps, seconds)
+        trial, capped_from = _cap(keep, self.max_units, lambda: score(ctx, keep))
+        if capped_from is not None:  # the cap binds: cut to it, recover towards the floor, keep it whatever it scores
+            steps += 1
+            if ctx.recovery.epochs > 0:
+                seconds += train_compact(ctx.trainer, [e | k for e, k in zip(ctx.earlier, trial)], ctx.recovery,
+                                         ctx.x_train, ctx.y_train, own_units=False, teacher=ctx.teacher,
+                                         val=(ctx.x_val, ctx.y_val), target=floor, desc=f"recover step {steps}")
+            keep, accuracy = trial, ctx.accuracy(trial)
+            logger.info("prune step %d (cap %d): kept %s of %s, validation %.2f%% (floor %.2f)", steps,
+                        self.max_units, [int(k.sum()) for k in keep], capped_from, accuracy, floor)
+        return PruneResult(keep, accuracy, steps, seconds, capped_from)
 
 
 # How the iterative schedule shares a step's cut among the layers (CLNPConfig.prune_rank).
 RANKS = ("layer", "global")
+
+
+def _cap(keep: list[torch.Tensor], max_units: int,
+         scores: Callable[[], list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[int] | None]:
+    """`keep` cut to at most `max_units` units per layer, the lowest-scored going first, and the counts before the
+    cut; `keep` itself and None where no layer holds more (or max_units is 0: no cap). Scores only where it cuts."""
+    counts = [int(k.sum()) for k in keep]
+    if max_units <= 0 or all(c <= max_units for c in counts):
+        return keep, None
+    ranked = scores()
+    trial = [k.clone() for k in keep]
+    for i, k in enumerate(keep):
+        if counts[i] > max_units:
+            trial[i][_lowest(ranked[i], k, counts[i] - max_units)] = False
+    return trial, counts
 
 
 def _cut(keep: list[torch.Tensor], scores: list[torch.Tensor], fraction: float, least: list[int]) -> list[torch.Tensor]:
@@ -259,13 +292,13 @@ SCHEDULES: dict[str, PruneSchedule] = {s.name: s for s in (OneShotBisection(), I
 
 
 def schedule_for(name: str, first_fraction: float, min_fraction: float, max_steps: int,
-                 min_units: int = 0, rank: str = "layer") -> PruneSchedule:
-    """The registered schedule `name`, with the iterative schedule's settings and the unit floor applied."""
+                 min_units: int = 0, rank: str = "layer", max_units: int = 0) -> PruneSchedule:
+    """The registered schedule `name`, with the iterative schedule's settings and the unit floor and cap applied."""
     s = SCHEDULES[name]
     if isinstance(s, IterativeRecovery):
         return replace(s, first_fraction=first_fraction, min_fraction=min_fraction, max_steps=max_steps,
-                       min_units=min_units, rank=rank)
-    return replace(s, min_units=min_units)
+                       min_units=min_units, max_units=max_units, rank=rank)
+    return replace(s, min_units=min_units, max_units=max_units)
 
 
 def restore(net: MaskedNetwork, tensors: dict[str, torch.Tensor]) -> None:
