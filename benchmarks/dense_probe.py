@@ -6,6 +6,9 @@ runs only the dense phase of the run's preset, in one of two ways:
 - `default`: as `learn_task` does: the FREE units see every earlier unit's output, and the head reads all units;
 - `isolated`: connections from earlier tasks' units into the new units and the head are zero and stay zero, so the
   task learns in the FREE units alone, as a network of that width would;
+- `zero-init`: as `default`, with those connections starting at zero instead of drawn at random (trainable: the
+  task starts as if isolated and grows reuse where its gradients lead; `--set reuse_init=zero`, the trainer's
+  `cut_earlier_connections`);
 - `distilled`: as `default`, with the distillation term of the preset (`distill`, `distill_temperature`) added to
   the dense phase, its teacher a network of the full shape trained on the task alone (`train_alone`, the
   `--teacher full` teacher; `--teacher-cache FILE` keeps its logits in a safetensors file for another probe).
@@ -34,7 +37,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from benchmarks.sequence import RunRecord, load_state  # noqa: E402
 from benchmarks.tasks import load_task  # noqa: E402
-from trainer.clnp import FREE, full_teacher, preset  # noqa: E402
+from trainer.clnp import FREE, cut_earlier_connections, full_teacher, preset  # noqa: E402
 from trainer.network import parse_network_spec  # noqa: E402
 from trainer.training import TaskTrainer, accuracy, column_mask  # noqa: E402
 
@@ -42,7 +45,7 @@ from trainer.training import TaskTrainer, accuracy, column_mask  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a CLNP run folder of benchmarks/sequence.py")
-    p.add_argument("--variant", choices=["default", "isolated", "distilled"], required=True)
+    p.add_argument("--variant", choices=["default", "isolated", "zero-init", "distilled"], required=True)
     p.add_argument("--data-dir", default=os.environ.get("CLNP_DATA_DIR"))
     p.add_argument("--teacher-cache", type=Path, help="distilled: the teacher's logits, read if there, else written")
     args = p.parse_args(argv)
@@ -68,6 +71,8 @@ def main(argv=None) -> int:
             keep = column_mask(net.head_weights[index], len(owners[-1]), owners[-1] == FREE)
             net.head_weights[index].mul_(keep)
             grad_masks[-2] = keep
+    elif args.variant == "zero-init":
+        cut_earlier_connections(net, owners, index)  # as learn_dense does with reuse_init "zero"
     all_on = [torch.ones(len(o)) for o in owners]
     t0 = time.perf_counter()
     teacher, teacher_val = None, None

@@ -26,7 +26,7 @@ METHODS = [(name, {}) for name in sorted(PRESETS)] + [
     ("default", {"score": s}) for s in sorted(SCORES) if s != PRESETS["default"].score] + [
     ("reference", {"schedule": "iterative"}), ("default", {"precision": "bf16"}), ("default", {"isolate": True}),
     ("default", {"teacher": "full"}), ("default", {"teacher": "full", "distill_dense": True}),
-    ("default", {"finetune_average": 0.99}), ("default", {"prune_rank": "global"})]
+    ("default", {"finetune_average": 0.99}), ("default", {"prune_rank": "global"}), ("default", {"reuse_init": "zero"})]
 
 
 @pytest.mark.parametrize("name,overrides", METHODS,
@@ -325,6 +325,36 @@ def test_max_units_is_a_cap_that_cuts_past_the_max_drop_and_changes_nothing_wher
     with pytest.raises(ConfigError, match="above max_units"):
         preset("default", min_units=30, max_units=20)
     assert preset("default", min_units=30, max_units=0).min_units == 30  # 0: no cap, any floor
+
+
+def test_zero_reuse_init_starts_a_task_beside_earlier_units_as_if_isolated_but_lets_it_learn_reuse(
+        tmp_path, data_dir, monkeypatch):
+    from benchmarks.tasks import load_task
+    from trainer import clnp
+
+    cfg = preset("default", **{**FAST, "epochs": 1}, finetune_epochs=1, reuse_init="zero")
+    root = tmp_path / "repo"
+    add_task(root, "a", "permuted-mnist:1", network=NETWORK, config=cfg, limit=500, data_dir=str(data_dir))
+    repo = ModelRepository.open(root)
+    net, owners = load_network(repo, repo.read_manifest(1))
+    task = load_task("permuted-mnist:2", net.spec, str(data_dir), 500, 0, "cpu")
+    index = net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(1))
+    starts, cut = {}, clnp.cut_earlier_connections
+
+    def record(n, o, t):  # what the task starts from: right after the cut, before any training step
+        cut(n, o, t)
+        starts["layer2"] = n.weights[1].detach()[o[1] == FREE][:, o[0] == 0].clone()
+        starts["head"] = n.head_weights[t].detach()[:, o[-1] == 0].clone()
+    monkeypatch.setattr(clnp, "cut_earlier_connections", record)
+    clnp.learn_dense(net, owners, index, task, cfg)
+    # the new units' and the head's connections from task a's units started at zero ...
+    assert starts["layer2"].numel() > 0 and torch.count_nonzero(starts["layer2"]) == 0
+    assert torch.count_nonzero(starts["head"]) == 0
+    # ... and trained (not isolated: the task may learn to reuse them)
+    trained = net.weights[1].detach()[owners[1] == FREE][:, owners[0] == 0]
+    assert torch.count_nonzero(trained) > 0.9 * trained.numel()
+    with pytest.raises(ConfigError, match="reuse_init"):
+        preset("default", reuse_init="ones")
 
 
 def test_global_rank_cuts_the_lowest_scores_of_all_layers_together_above_each_floor():

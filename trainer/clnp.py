@@ -61,6 +61,8 @@ REUSE_MEASURES = ("connections", "signal")
 FINETUNE_KEEP = ("bound", "better")
 # Distillation's teacher (CLNPConfig.teacher); see the module docstring, step 3, and `full_teacher`.
 TEACHERS = ("dense", "full")
+# How a new task's connections from earlier units start (CLNPConfig.reuse_init); see learn_dense.
+REUSE_INITS = ("random", "zero")
 
 
 class CapacityExhaustedError(Exception):
@@ -114,6 +116,8 @@ class CLNPConfig:
     reuse_measure: str = "signal"  # what "reused" counts: "connections" or "signal" (REUSE_MEASURES)
     reuse_signal_tail: float = 0.05  # "signal": share of the task's incoming signal the uncounted earlier units carry
     isolate: bool = False  # the task reads no earlier task's units: its own subnetwork, no feature reuse (see step 2)
+    reuse_init: str = "random"  # the new units' (and head's) connections from earlier units start "random" (drawn as
+    # every weight is) or at "zero" (the task starts as if isolated and grows reuse where its gradients lead); REUSE_INITS
     activity_samples: int = 10000  # training samples a unit score looks at
     precision: str = "fp32"  # training steps' arithmetic: "fp32" or "bf16" (trainer.training.PRECISIONS)
     seed: int = 0  # seeds initialisation, data order and dropout
@@ -128,6 +132,8 @@ class CLNPConfig:
                 raise ConfigError(f"unknown learning-rate schedule {value!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.reuse_init not in REUSE_INITS:
+            raise ConfigError(f"unknown reuse_init {self.reuse_init!r}; choose one of {', '.join(REUSE_INITS)}")
         if self.prune_rank not in RANKS:
             raise ConfigError(f"unknown prune_rank {self.prune_rank!r}; choose one of {', '.join(RANKS)}")
         if self.prune_rank != "layer" and self.schedule != "iterative":
@@ -382,7 +388,7 @@ def learn_dense(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data,
     tr = TaskTrainer(net, owners, task, config.seed, config.batch_size, show_progress, isolated=config.isolate)
     for i, o in enumerate(owners):
         net.reinit_units(i, (o == FREE).cpu(), generator=tr.generator)
-    if config.isolate:
+    if config.isolate or config.reuse_init == "zero":  # isolated, they also stay zero (the trainer masks them)
         cut_earlier_connections(net, owners, task)
     phases = {}
     teacher, teacher_acc = None, None
