@@ -152,6 +152,10 @@ def phase_test_means(r: RunRecord) -> dict | None:
                            "sem": _sem(steps)}}
 
 
+# Tasks counted as early in the split of the difference to the reference (the first five of a sequence).
+EARLY_TASKS = 5
+
+
 def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
     """Each CLNP run paired task by task with the single-task reference of the same seed, network, data budget
     and dense schedule (`DENSE_FIELDS`): CLNP minus reference, over the tasks both have learned (the bar is
@@ -175,13 +179,22 @@ def against_single(records: list[tuple[Path, RunRecord]]) -> list[dict]:
             d = [a - b for a, b in both]
             dv = [t.validation_accuracy - u.validation_accuracy for _, _, t, u in matched]
             kept = [sum(t.units_kept.values()) / len(t.units_kept) for _, _, t, _ in matched]
+            # the difference in two parts, on test (recorded only): the dense phase against the reference, split at
+            # task 6 (later tasks learn beside more earlier units, in fewer FREE ones), and the kept network against
+            # its own dense phase (what pruning and fine-tuning cost)
+            dense = [(t.index, t.phase_test["train"] - b, a - t.phase_test["train"])
+                     for a, b, t, _ in matched if "train" in t.phase_test]
+            split = {"dense_early": [x for i, x, _ in dense if i < EARLY_TASKS],
+                     "dense_late": [x for i, x, _ in dense if i >= EARLY_TASKS], "after_dense": [y for _, _, y in dense]}
             pairs.append({"folder": str(f), "single_folder": str(sf), "seed": r.seed, "tasks": len(both),
                           "group": _label(r, with_seed=False), "limit": r.limit, "network": r.network,
                           "units_per_task": statistics.fmean(kept),
                           "clnp_mean": statistics.fmean(a for a, _ in both),
                           "single_mean": statistics.fmean(b for _, b in both), "difference": statistics.fmean(d),
                           "sem": _sem(d), "validation_difference": statistics.fmean(dv),
-                          "tasks_under": sum(1 for x in d if x < 0), "worst": min(d), "best": max(d)})
+                          "tasks_under": sum(1 for x in d if x < 0), "worst": min(d), "best": max(d),
+                          **{k: ({"mean": statistics.fmean(v), "sem": _sem(v), "tasks": len(v)} if v else None)
+                             for k, v in split.items()}})
             break
     return pairs
 
@@ -328,6 +341,20 @@ def markdown(res: dict, plots: list[str]) -> str:
                      f"{p['clnp_mean']:.2f} | {p['single_mean']:.2f} | {p['difference']:+.2f}{sem} | "
                      f"{p['tasks_under']} | {p['worst']:+.2f} to {p['best']:+.2f} | {p['validation_difference']:+.2f} | "
                      f"{p['units_per_task']:.0f} |")
+        parts = [p for p in res["against_single"] if p.get("after_dense")]
+        if parts:
+            def cell(x):
+                return "—" if x is None else f"{x['mean']:+.2f}" + (f" ± {x['sem']:.2f}" if x["sem"] is not None else "") \
+                    + f" ({x['tasks']})"
+            L += ["", "### Where the difference comes from (test, recorded only)", "",
+                  f"The same pairs, in two parts: the task's dense network (before pruning) minus the reference, over "
+                  f"tasks 1–{EARLY_TASKS} and {EARLY_TASKS + 1} on, and the kept network minus its own dense "
+                  "network (what pruning and fine-tuning cost). Mean ± standard error (tasks).", "",
+                  f"| folder | dense − reference, tasks 1–{EARLY_TASKS} | dense − reference, tasks {EARLY_TASKS + 1}+ "
+                  "| kept − dense |", "|---|---:|---:|---:|"]
+            for p in parts:
+                L.append(f"| {Path(p['folder']).name} | {cell(p['dense_early'])} | {cell(p['dense_late'])} | "
+                         f"{cell(p['after_dense'])} |")
         if res.get("target"):
             t = TARGET
             L += ["", f"### Settings against the target ({t['network']}, all training data, {t['tasks']} tasks on at "

@@ -137,9 +137,15 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     assert pair["validation_difference"] == pytest.approx(sum(val) / 2)
     kept = [t["units_kept"] for t in tasks]
     assert pair["units_per_task"] == pytest.approx(sum(sum(k.values()) / len(k) for k in kept) / 2)
+    # the difference in two parts: dense minus reference (both tasks are early ones) and kept minus dense
+    dense = [t["phase_test"]["train"] for t in tasks]
+    assert pair["dense_early"]["tasks"] == 2 and pair["dense_late"] is None
+    assert pair["dense_early"]["mean"] == pytest.approx(sum(d - r for d, r in zip(dense, ref)) / 2)
+    assert pair["after_dense"]["mean"] == pytest.approx(sum(f - d for f, d in zip(final, dense)) / 2)
     md = (tmp_path / "rep" / "sequence.md").read_text()
     assert "bit-identical" in md and "FREE after last" in md and "Where test accuracy goes" in md
     assert "Against the single-task reference" in md
+    assert "Where the difference comes from" in md
     for png in ("sequence_free_units.png", "sequence_accuracy.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # accuracy against capacity: drawn for runs of 7 or more paired tasks on all the data (none here), or as asked
