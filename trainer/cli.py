@@ -14,7 +14,7 @@ import sys
 import click
 
 from trainer.clnp import (FINETUNE_KEEP as _FINETUNE_KEEP, PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES,
-                          TEACHERS as _TEACHERS, CLNPConfig)
+                          REUSE_INITS as _REUSE_INITS, TEACHERS as _TEACHERS, CLNPConfig)
 from trainer.pruning import RANKS as _RANKS, SCHEDULES as _SCHEDULES, SCORES as _SCORES
 
 EXIT_FAILURE = 1
@@ -186,6 +186,9 @@ def cli(verbose: bool) -> None:
                    "fine-tuning (what the connections measure of reuse counts; without it, that measure counts every "
                    "earlier unit connected at all) [default: on in "
                    f"{', '.join(n for n, c in _PRESETS.items() if c.prune_connections)}, off in the others].")
+@click.option("--reuse-init", type=click.Choice(list(_REUSE_INITS)), default=None,
+              help="How the new task's connections from earlier units start: drawn at random like every weight, or at "
+                   f"zero (trainable: the task starts as if isolated) [default: {_DEFAULTS.reuse_init}].")
 @click.option("--isolate", is_flag=True,
               help="Learn the task as its own subnetwork: it reads none of the earlier tasks' units (no feature "
                    "reuse, 0 reused). Earlier tasks are unaffected either way.")
@@ -205,7 +208,7 @@ def cli(verbose: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
                  distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
-                 reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
+                 reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
 
     The first call creates the repository and the network. Every earlier task is checked to be
@@ -225,16 +228,16 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     try:
         _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha,
                   distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
-                  reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
-                  device, as_json, progress, quiet=world is not None and not world.is_main)
+                  reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column,
+                  retention, device, as_json, progress, quiet=world is not None and not world.is_main)
     finally:
         distributed.shutdown()
 
 
 def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
               distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
-              reuse_measure, precision, connection_pruning, isolate, limit, seed, data_dir, label_column, retention,
-              device, as_json, progress, quiet):
+              reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column,
+              retention, device, as_json, progress, quiet):
     from trainer.clnp import preset as make_config
     from trainer.pipeline import add_task
 
@@ -246,7 +249,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         prune_rank=prune_rank, distill=distill, teacher=teacher,
         distill_dense=distill_dense, recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
         finetune_average=finetune_average, reuse_max_drop=reuse_max_drop,
-        reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning,
+        reuse_measure=reuse_measure, precision=precision, prune_connections=connection_pruning, reuse_init=reuse_init,
         isolate=True if isolate else None, seed=seed))
     show = sys.stderr.isatty() if progress is None else progress
     result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,
