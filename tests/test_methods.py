@@ -305,21 +305,23 @@ def test_max_units_is_a_cap_that_cuts_past_the_max_drop_and_changes_nothing_wher
     strict = dict(FAST, epochs=1, recovery_epochs=0.5, max_drop=0.0, finetune_epochs=1, schedule=schedule,
                   prune_rank=rank)
     runs = {}
-    for cap in (0, 5, 64):
+    # a cap that cannot bind changes nothing, checked on one schedule (each add_task costs seconds)
+    for cap in (0, 5, 64) if schedule == "iterative" and rank == "layer" else (0, 5):
         root = tmp_path / f"repo-{cap}"
         runs[cap] = (root, add_task(root, "a", "permuted-mnist:1", network=NETWORK,
                                     config=preset("default", **strict, max_units=cap), limit=500,
                                     data_dir=str(data_dir)).outcome)
     bound = runs[0][1].units_kept
     assert min(bound.values()) > 5, bound  # the premise: the bound alone keeps more than the cap
-    assert runs[0][1].capped == {} and runs[64][1].capped == {}
+    assert runs[0][1].capped == {}
     assert runs[5][1].capped == bound  # what the bound alone kept, reported
     assert set(runs[5][1].units_kept.values()) == {5}
     assert runs[5][1].prune_steps == runs[0][1].prune_steps + 1  # the cut to the cap is one more step
-    # a cap above every layer's free units never binds: the same network, bit for bit
-    a, b = ((r, r.read_manifest(1)) for r in (ModelRepository.open(runs[c][0]) for c in (0, 64)))
-    a, b = a[0].load_weights(a[1]), b[0].load_weights(b[1])
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    if 64 in runs:  # a cap above every layer's free units never binds: the same network, bit for bit
+        assert runs[64][1].capped == {}
+        a, b = ((r, r.read_manifest(1)) for r in (ModelRepository.open(runs[c][0]) for c in (0, 64)))
+        a, b = a[0].load_weights(a[1]), b[0].load_weights(b[1])
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="max_units"):
         preset("default", max_units=-1)
     with pytest.raises(ConfigError, match="above max_units"):
