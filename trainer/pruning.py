@@ -226,11 +226,13 @@ class IterativeRecovery(PruneSchedule):
         trial, capped_from = _cap(keep, self.max_units, lambda: score(ctx, keep))
         if capped_from is not None:  # the cap binds: cut to it, recover towards the floor, keep it whatever it scores
             steps += 1
-            if ctx.recovery.epochs > 0:
+            accuracy = ctx.accuracy(trial)
+            if accuracy < floor and ctx.recovery.epochs > 0:  # as a step of the search: recover only under the floor
                 seconds += train_compact(ctx.trainer, [e | k for e, k in zip(ctx.earlier, trial)], ctx.recovery,
                                          ctx.x_train, ctx.y_train, own_units=False, teacher=ctx.teacher,
                                          val=(ctx.x_val, ctx.y_val), target=floor, desc=f"recover step {steps}")
-            keep, accuracy = trial, ctx.accuracy(trial)
+                accuracy = ctx.accuracy(trial)
+            keep = trial
             logger.info("prune step %d (cap %d): kept %s of %s, validation %.2f%% (floor %.2f)", steps,
                         self.max_units, [int(k.sum()) for k in keep], capped_from, accuracy, floor)
         return PruneResult(keep, accuracy, steps, seconds, capped_from)
