@@ -208,9 +208,7 @@ class IterativeRecovery(PruneSchedule):
             trial_acc = ctx.accuracy(trial)
             if trial_acc < target and ctx.recovery.epochs > 0:
                 # retrain the task's remaining units on a compact copy (only the units it sees)
-                seconds += train_compact(ctx.trainer, [e | k for e, k in zip(ctx.earlier, trial)], ctx.recovery,
-                                         ctx.x_train, ctx.y_train, own_units=False, teacher=ctx.teacher,
-                                         val=(ctx.x_val, ctx.y_val), target=target, desc=f"recover step {steps}")
+                seconds += _recover(ctx, trial, target, steps)
                 trial_acc = ctx.accuracy(trial)
             kept = [int(k.sum()) for k in trial]
             if trial_acc >= floor:
@@ -228,9 +226,7 @@ class IterativeRecovery(PruneSchedule):
             steps += 1
             accuracy = ctx.accuracy(trial)
             if accuracy < floor and ctx.recovery.epochs > 0:  # as a step of the search: recover only under the floor
-                seconds += train_compact(ctx.trainer, [e | k for e, k in zip(ctx.earlier, trial)], ctx.recovery,
-                                         ctx.x_train, ctx.y_train, own_units=False, teacher=ctx.teacher,
-                                         val=(ctx.x_val, ctx.y_val), target=floor, desc=f"recover step {steps}")
+                seconds += _recover(ctx, trial, floor, steps)
                 accuracy = ctx.accuracy(trial)
             keep = trial
             logger.info("prune step %d (cap %d): kept %s of %s, validation %.2f%% (floor %.2f)", steps,
@@ -240,6 +236,14 @@ class IterativeRecovery(PruneSchedule):
 
 # How the iterative schedule shares a step's cut among the layers (CLNPConfig.prune_rank).
 RANKS = ("layer", "global")
+
+
+def _recover(ctx: PruneContext, trial: list[torch.Tensor], target: float, step: int) -> list[float]:
+    """Retrain the task's remaining units (`trial`) beside the earlier ones on a compact copy, stopping once
+    validation reaches `target`; the seconds of each epoch."""
+    return train_compact(ctx.trainer, [e | k for e, k in zip(ctx.earlier, trial)], ctx.recovery, ctx.x_train,
+                         ctx.y_train, own_units=False, teacher=ctx.teacher, val=(ctx.x_val, ctx.y_val), target=target,
+                         desc=f"recover step {step}")
 
 
 def _cap(keep: list[torch.Tensor], max_units: int,
