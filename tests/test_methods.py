@@ -7,6 +7,8 @@ the first task keeps some units but fewer than the layer has.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -327,6 +329,36 @@ def test_max_units_is_a_cap_that_cuts_past_the_max_drop_and_changes_nothing_wher
     with pytest.raises(ConfigError, match="above max_units"):
         preset("default", min_units=30, max_units=20)
     assert preset("default", min_units=30, max_units=0).min_units == 30  # 0: no cap, any floor
+
+
+def test_a_plan_spreads_the_free_units_evenly_and_refuses_a_task_it_has_no_share_for(tmp_path, data_dir):
+    """plan_tasks N: each task keeps FREE // (N - tasks learned) units per layer, whatever max_drop allows, and the
+    last one takes what is left; a task past the plan is refused before training, and nothing is published."""
+    config = preset("default", **dict(FAST, epochs=1, recovery_epochs=0.5, finetune_epochs=1), plan_tasks=3)
+    root = tmp_path / "repo"
+    kept = []
+    for name, source in (("a", "permuted-mnist:1"), ("b", "permuted-mnist:2"), ("c", "permuted-mnist:3")):
+        result = add_task(root, name, source, network=NETWORK, config=config, limit=500, data_dir=str(data_dir))
+        kept.append(result.outcome.units_kept)
+    assert [set(k.values()) for k in kept] == [{21}, {21}, {22}], kept  # 64 // 3, 43 // 2, then the 22 left
+    repo = ModelRepository.open(root)
+    assert [l.free for l in repo.read_manifest(3).layers] == [0, 0]
+    net, owners = load_network(repo, repo.read_manifest(3))
+    assert [[int((o == t).sum()) for t in range(3)] for o in owners] == [[21, 21, 22]] * 2
+
+    # a plan of 2 on a fresh repository; then a third task under it is refused before any training
+    root = tmp_path / "repo2"
+    two = replace(config, plan_tasks=2)
+    for name, source in (("a", "permuted-mnist:1"), ("b", "permuted-mnist:2")):
+        add_task(root, name, source, network="mlp:784-64-64", config=replace(two, plan_tasks=4), limit=500,
+                 data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="plan_tasks 2: the network holds 2 task"):
+        add_task(root, "c", "permuted-mnist:3", config=two, limit=500, data_dir=str(data_dir))
+    assert ModelRepository.open(root).latest() == 2  # nothing half-published
+    with pytest.raises(ConfigError, match="plan_tasks"):
+        preset("default", plan_tasks=-1)
+    with pytest.raises(ConfigError, match="cannot go with min_units or max_units"):
+        preset("default", plan_tasks=3, max_units=10)
 
 
 def test_zero_reuse_init_starts_a_task_beside_earlier_units_as_if_isolated_but_lets_it_learn_reuse(

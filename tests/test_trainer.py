@@ -452,6 +452,7 @@ def test_unwritable_repository_is_one_line_before_any_training(tmp_path, data_di
     ("--finetune-average", "1", "0.99", "finetune_average", 0.99),
     ("--prune-rank", "everywhere", "global", "prune_rank", "global"),
     ("--max-units", "-1", "40", "max_units", 40),
+    ("--plan-tasks", "-1", "3", "plan_tasks", 3),
     ("--reuse-init", "ones", "zero", "reuse_init", "zero")])
 def test_add_task_training_option_reaches_the_record(option, bad, good, key, value, tmp_path, data_dir):
     """A training option reaches the trainer and the version's training record; a bad value changes nothing."""

@@ -130,6 +130,10 @@ def cli(verbose: bool) -> None:
               help="Pruning leaves the new task at most this many units per layer, cutting past the max drop if it "
                    "must, so no task takes most of a layer; the summary says what the cap cost "
                    f"[default: {_DEFAULTS.max_units}: no cap].")
+@click.option("--plan-tasks", type=click.IntRange(min=0), default=None,
+              help="The network is planned for N tasks in all: the new task keeps an equal share of the free units, "
+                   "free // (N - tasks learned) per layer, whatever the max drop allows (accuracy follows the units "
+                   "a task keeps) [default: 0: no plan; not with --min-units or --max-units].")
 @click.option("--score", type=click.Choice(sorted(_SCORES)), default=None,
               help=f"How units are ranked for pruning [default: {_DEFAULTS.score}].")
 @click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,
@@ -206,7 +210,7 @@ def cli(verbose: bool) -> None:
               help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
+def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, score, schedule, prune_rank, dropout, alpha, distill, teacher,
                  distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
@@ -226,7 +230,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard, rank 0 publishes.
     world = distributed.init_from_environment(device)
     try:
-        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha,
+        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, score, schedule, prune_rank, dropout, alpha,
                   distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column,
                   retention, device, as_json, progress, quiet=world is not None and not world.is_main)
@@ -234,7 +238,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
         distributed.shutdown()
 
 
-def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, score, schedule, prune_rank, dropout, alpha, distill, teacher,
+def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, score, schedule, prune_rank, dropout, alpha, distill, teacher,
               distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
               reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column,
               retention, device, as_json, progress, quiet):
@@ -245,7 +249,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units,
-        max_units=max_units,
+        max_units=max_units, plan_tasks=plan_tasks,
         prune_rank=prune_rank, distill=distill, teacher=teacher,
         distill_dense=distill_dense, recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
         finetune_average=finetune_average, reuse_max_drop=reuse_max_drop,
@@ -259,7 +263,8 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         return
     m, o = result.manifest, result.outcome
     record = m.tasks[-1]
-    warnings = large_share_warnings(o.units_kept, o.units_pruned, config.max_units)
+    # a plan sets each task's share itself: no warning that it took much of a layer
+    warnings = [] if config.plan_tasks else large_share_warnings(o.units_kept, o.units_pruned, config.max_units)
     if as_json:
         click.echo(json.dumps({
             "version": m.version, "task": record.name, "index": record.index,
@@ -293,9 +298,10 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
                       if config.finetune_keep == "bound" else "") + "; the pruned network was kept")
     if o.capped:
         drop = o.dense_validation_accuracy - o.phase_validation["prune"]
-        click.echo(f"  max units {config.max_units}: within the max drop pruning would have kept "
+        bound = f"plan of {config.plan_tasks} tasks" if config.plan_tasks else f"max units {config.max_units}"
+        click.echo(f"  {bound}: within the max drop pruning would have kept "
                    + ", ".join(f"{n} {c}" for n, c in o.capped.items())
-                   + f"; cut to the cap, pruned validation was {abs(drop):.2f} points "
+                   + f"; cut to {'its share' if config.plan_tasks else 'the cap'}, pruned validation was {abs(drop):.2f} points "
                    + ("under" if drop > 0 else "over") + " the unpruned network"
                    + (f", past the max drop of {config.max_drop}" if drop > config.max_drop else ""))
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in o.phase_seconds.items())

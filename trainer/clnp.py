@@ -92,6 +92,8 @@ class CLNPConfig:
     max_prune_steps: int = 24  # iterative: stop after this many steps
     min_units: int = 0  # pruning keeps at least this many units per layer (of those free); 0: only max_drop decides
     max_units: int = 0  # pruning keeps at most this many units per layer, whatever max_drop allows; 0: no cap
+    plan_tasks: int = 0  # the network is planned for this many tasks in all: each keeps an equal share of the FREE
+    # units, FREE // (plan_tasks - tasks learned) per layer, whatever max_drop allows (`planned_units`); 0: off
     prune_rank: str = "layer"  # iterative: a step cuts its share of each layer ("layer") or of all layers ranked
     # together by score ("global"); RANKS
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
@@ -169,6 +171,11 @@ class CLNPConfig:
         if self.max_units and self.min_units > self.max_units:
             raise ConfigError(f"min_units {self.min_units} is above max_units {self.max_units}: a task cannot keep at "
                               "least the one and at most the other; lower --min-units or raise --max-units")
+        if self.plan_tasks < 0:
+            raise ConfigError(f"plan_tasks {self.plan_tasks} must be >= 0 (the tasks the network is planned for; 0: off)")
+        if self.plan_tasks and (self.min_units or self.max_units):
+            raise ConfigError("plan_tasks sets how many units each task keeps; it cannot go with min_units or "
+                              "max_units (drop --min-units and --max-units, or --plan-tasks)")
         if not 0 < self.prune_fraction < 1 or not 0 < self.min_prune_fraction <= self.prune_fraction:
             raise ConfigError("prune fractions must satisfy 0 < min_prune_fraction <= prune_fraction < 1")
 
@@ -273,6 +280,19 @@ def check_capacity(net: MaskedNetwork, owners: list[torch.Tensor]) -> None:
             f"no free unit left in {', '.join(full)} (every unit is owned by an earlier task); "
             "the network cannot learn another task"
         )
+
+
+def planned_units(owners: list[torch.Tensor], task: int, plan_tasks: int) -> list[int] | None:
+    """Units per hidden layer task `task` keeps under a plan of `plan_tasks` tasks (CLNPConfig.plan_tasks): an
+    equal share of what is FREE now, FREE // (plan_tasks - task), at least one unit; None without a plan. Tasks
+    0..task-1 are learned, so a plan of N tasks spreads the network evenly over N tasks and the last one takes
+    what is left. Raises ConfigError when the plan has no share left (`task` >= `plan_tasks`)."""
+    if not plan_tasks:
+        return None
+    if task >= plan_tasks:
+        raise ConfigError(f"plan_tasks {plan_tasks}: the network holds {task} task(s) already, so the plan has no share "
+                          "left for this one; give --plan-tasks the number of tasks you now expect in all, or leave it out")
+    return [max(1, int((o == FREE).sum()) // (plan_tasks - task)) for o in owners]
 
 
 def _in_units_view(w: torch.Tensor, in_units: int) -> torch.Tensor:
@@ -381,6 +401,7 @@ def learn_dense(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data,
     every FREE unit). `net` is changed in place (FREE units and head `task` only); `owners` is not.
     Raises CapacityExhaustedError if a layer has no FREE unit (before anything changes)."""
     check_capacity(net, owners)
+    planned_units(owners, task, config.plan_tasks)  # a plan with no share left fails here, before training
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     device = data.x_train.device
@@ -433,8 +454,9 @@ def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPC
         candidates=free, earlier=earlier, score_samples=config.activity_samples, recovery=config.recovery_plan(),
         teacher=teacher, x_val=data.x_val, y_val=data.y_val,
     )
+    plan = planned_units(owners, task, config.plan_tasks)  # a plan sets the floor and the cap alike
     schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps,
-                            config.min_units, config.prune_rank, config.max_units)
+                            plan or config.min_units, config.prune_rank, plan or config.max_units)
     result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)
     epoch_seconds = list(result.epoch_seconds)
     pruned_count = {n: int((f & ~k).sum()) for n, f, k in zip(names, free, result.keep)}
@@ -626,6 +648,6 @@ def reuse_by_signal(net: MaskedNetwork, owners: list[torch.Tensor], task: int, x
 
 
 __all__ = [
-    "CLNPConfig", "ConfigError", "PRESETS", "preset", "SETTINGS_BEFORE_THEY_EXISTED", "TaskOutcome", "CapacityExhaustedError", "FREE", "new_owners", "task_masks",
+    "CLNPConfig", "ConfigError", "PRESETS", "preset", "SETTINGS_BEFORE_THEY_EXISTED", "TaskOutcome", "CapacityExhaustedError", "FREE", "new_owners", "planned_units", "task_masks",
     "accuracy", "learn_task", "check_capacity", "reuse_counts", "reuse_by_signal", "REUSE_MEASURES", "FINETUNE_KEEP", "TEACHERS", "train_alone", "full_teacher",
 ]

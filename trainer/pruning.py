@@ -21,6 +21,8 @@ floor a team sets when it has capacity to spare and wants it spent on accuracy. 
 (`CLNPConfig.max_units`; 0: no cap), a ceiling a team sets so that no task can take most of a layer: where
 max_drop would keep more, a last step cuts the layer to the cap by score (the iterative schedule then recovers),
 whatever that costs in accuracy, and `PruneResult.capped_from` says what the bound alone would have kept.
+Floor and cap are one count for every layer, or one per layer: a plan (`CLNPConfig.plan_tasks`) sets both to
+each layer's equal share of its FREE units, so the task keeps exactly that share.
 """
 
 from __future__ import annotations
@@ -150,11 +152,12 @@ def _lowest(scores: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
 @dataclass
 class OneShotBisection(PruneSchedule):
     name = "one-shot"
-    min_units: int = 0  # keep at least this many candidates per layer (where there are that many)
-    max_units: int = 0  # keep at most this many candidates per layer (0: no cap)
+    min_units: int | list[int] = 0  # keep at least this many candidates per layer (where there are that many)
+    max_units: int | list[int] = 0  # keep at most this many candidates per layer (0: no cap)
 
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         keep = [c.clone() for c in ctx.candidates]
+        floors = per_layer(self.min_units, len(keep))
         scores = score(ctx, keep)
         L = len(keep)
         for i in range(L):
@@ -168,7 +171,7 @@ class OneShotBisection(PruneSchedule):
 
             # largest k whose accuracy stays above the floor (k=0 always does), leaving min_units where there are
             # that many (without a floor, a layer may give back every candidate and live on reused units)
-            lo, hi = 0, len(order) - min(self.min_units, len(order))
+            lo, hi = 0, len(order) - min(floors[i], len(order))
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if acc_without(mid) >= floor:
@@ -186,14 +189,15 @@ class IterativeRecovery(PruneSchedule):
     first_fraction: float = 0.5  # share of each layer's remaining units the first step removes
     min_fraction: float = 0.05  # stop once a failed step has halved the share below this
     max_steps: int = 12  # stop after this many steps, kept or not
-    min_units: int = 0  # keep at least this many candidates per layer (where there are that many)
-    max_units: int = 0  # keep at most this many candidates per layer (0: no cap)
+    min_units: int | list[int] = 0  # keep at least this many candidates per layer (where there are that many)
+    max_units: int | list[int] = 0  # keep at most this many candidates per layer (0: no cap)
     rank: str = "layer"  # "layer": each step cuts `fraction` of every layer; "global": of all layers together (RANKS)
 
     def __call__(self, ctx, score, dense_accuracy, max_drop):
         floor = dense_accuracy - max_drop
         keep = [c.clone() for c in ctx.candidates]
-        least = [max(1, min(self.min_units, int(c.sum()))) for c in ctx.candidates]  # one at least, as a step cuts
+        least = [max(1, min(m, int(c.sum())))  # one at least, as a step cuts
+                 for m, c in zip(per_layer(self.min_units, len(ctx.candidates)), ctx.candidates)]
         saved = copy.deepcopy(ctx.net.state_tensors())
         accuracy = ctx.accuracy(keep)
         fraction, steps, seconds = self.first_fraction, 0, []
@@ -229,7 +233,7 @@ class IterativeRecovery(PruneSchedule):
                 seconds += _recover(ctx, trial, floor, steps)
                 accuracy = ctx.accuracy(trial)
             keep = trial
-            logger.info("prune step %d (cap %d): kept %s of %s, validation %.2f%% (floor %.2f)", steps,
+            logger.info("prune step %d (cap %s): kept %s of %s, validation %.2f%% (floor %.2f)", steps,
                         self.max_units, [int(k.sum()) for k in keep], capped_from, accuracy, floor)
         return PruneResult(keep, accuracy, steps, seconds, capped_from)
 
@@ -246,18 +250,30 @@ def _recover(ctx: PruneContext, trial: list[torch.Tensor], target: float, step: 
                          desc=f"recover step {step}")
 
 
-def _cap(keep: list[torch.Tensor], max_units: int,
+def per_layer(units: int | list[int], layers: int) -> list[int]:
+    """A unit floor or cap as one count per layer: an int applies to every layer, a list (a plan's shares,
+    CLNPConfig.plan_tasks) gives each layer its own."""
+    if isinstance(units, int):
+        return [units] * layers
+    if len(units) != layers:
+        raise ValueError(f"{len(units)} unit counts for {layers} layers")
+    return list(units)
+
+
+def _cap(keep: list[torch.Tensor], max_units: int | list[int],
          scores: Callable[[], list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[int] | None]:
-    """`keep` cut to at most `max_units` units per layer, the lowest-scored going first, and the counts before the
-    cut; `keep` itself and None where no layer holds more (or max_units is 0: no cap). Scores only where it cuts."""
+    """`keep` cut to at most `max_units` units per layer (one count, or one per layer), the lowest-scored going
+    first, and the counts before the cut; `keep` itself and None where no layer holds more (a count of 0: no cap
+    there). Scores only where it cuts."""
     counts = [int(k.sum()) for k in keep]
-    if max_units <= 0 or all(c <= max_units for c in counts):
+    caps = per_layer(max_units, len(keep))
+    if all(m <= 0 or c <= m for c, m in zip(counts, caps)):
         return keep, None
     ranked = scores()
     trial = [k.clone() for k in keep]
     for i, k in enumerate(keep):
-        if counts[i] > max_units:
-            trial[i][_lowest(ranked[i], k, counts[i] - max_units)] = False
+        if 0 < caps[i] < counts[i]:
+            trial[i][_lowest(ranked[i], k, counts[i] - caps[i])] = False
     return trial, counts
 
 
@@ -298,7 +314,8 @@ SCHEDULES: dict[str, PruneSchedule] = {s.name: s for s in (OneShotBisection(), I
 
 
 def schedule_for(name: str, first_fraction: float, min_fraction: float, max_steps: int,
-                 min_units: int = 0, rank: str = "layer", max_units: int = 0) -> PruneSchedule:
+                 min_units: int | list[int] = 0, rank: str = "layer",
+                 max_units: int | list[int] = 0) -> PruneSchedule:
     """The registered schedule `name`, with the iterative schedule's settings and the unit floor and cap applied."""
     s = SCHEDULES[name]
     if isinstance(s, IterativeRecovery):
