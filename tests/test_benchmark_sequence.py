@@ -137,6 +137,8 @@ def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):
     assert pair["validation_difference"] == pytest.approx(sum(val) / 2)
     kept = [t["units_kept"] for t in tasks]
     assert pair["units_per_task"] == pytest.approx(sum(sum(k.values()) / len(k) for k in kept) / 2)
+    assert [t["units"] for t in pair["per_task"]] == pytest.approx([sum(k.values()) / len(k) for k in kept])
+    assert [t["difference"] for t in pair["per_task"]] == pytest.approx(diffs)
     # the difference in two parts: dense minus reference (both tasks are early ones) and kept minus dense
     dense = [t["phase_test"]["train"] for t in tasks]
     assert pair["dense_early"]["tasks"] == 2 and pair["dense_late"] is None
@@ -192,6 +194,38 @@ def test_target_check_says_what_keeps_a_setting_from_the_target():
     assert b["difference_std"] == pytest.approx(0.0173, abs=1e-4)
     assert not c["met"] and c["tasks"] == [6, 10, 10]
     assert c["missing"] == ["seeds with all 10 tasks: 1 of 3", "a zero-forgetting check was not bit-identical"]
+
+
+def test_units_fit_recovers_a_known_slope_and_leaves_out_what_it_should(tmp_path):
+    """The fit of a task's difference on its place and log2 of its units recovers the coefficients it was built
+    from; runs with connection pruning, on part of the data or on another network do not enter it; the plot is drawn."""
+    import numpy as np
+
+    from benchmarks.sequence_report import TARGET, units_fit, units_plot
+
+    rng = np.random.default_rng(0)
+
+    def pair(seed, network=TARGET["network"], limit=None, prune_connections=False, slope=0.08):
+        tasks = []
+        for i in range(10):
+            units = float(rng.uniform(60, 400))
+            d = -0.9 - 0.01 * i + slope * np.log2(units) + rng.normal(0, 0.01)
+            tasks.append({"index": i, "units": units, "difference": d, "validation_difference": d + 0.02})
+        return {"network": network, "limit": limit, "prune_connections": prune_connections, "per_task": tasks}
+
+    pairs = [pair(s) for s in range(3)] + [pair(9, prune_connections=True, slope=1.0), pair(9, limit=5000, slope=1.0),
+                                           pair(9, network="mlp:784-100-100", slope=1.0)]
+    fit = units_fit(pairs)
+    assert fit["runs"] == 3 and fit["tasks"] == 30  # the three others are left out (their slope would show)
+    test, val = fit["difference"], fit["validation_difference"]
+    assert test["per_doubling"] == pytest.approx(0.08, abs=0.01) and test["per_doubling_se"] < 0.01
+    assert test["per_task_later"] == pytest.approx(-0.01, abs=0.004)
+    assert val["intercept"] == pytest.approx(test["intercept"] + 0.02, abs=1e-9)
+    assert test["at_units"]["200"] == pytest.approx(test["intercept"] + 4.5 * test["per_task_later"]
+                                                   + test["per_doubling"] * np.log2(200))
+    assert units_fit(pairs[3:]) is None  # nothing left to fit
+    assert units_plot(pairs, fit, tmp_path) == ["sequence_units.png"]
+    assert (tmp_path / "sequence_units.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_on_another_machine_recomputes_the_probes(tmp_path, data_dir):
