@@ -281,7 +281,7 @@ def run(args) -> RunRecord:
             + ("" if done.finetune_discarded is None else
                f"; fine-tuning discarded (it ended at val {done.finetune_discarded:.2f})")
             + ("" if done.teacher_validation is None else f"; teacher val {done.teacher_validation:.2f}")
-            + ("" if not done.capped else f"; max_units cut it from {done.capped}"))
+            + ("" if not done.capped else f"; {'its plan share' if config.plan_tasks else 'max_units'} cut it from {done.capped}"))
         del task
     return record
 
