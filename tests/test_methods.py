@@ -15,7 +15,7 @@ import torch
 
 from serving.contract import FREE
 from serving.repository import ModelRepository
-from trainer.clnp import PRESETS, ConfigError, new_owners, preset, task_masks
+from trainer.clnp import PRESETS, ConfigError, new_owners, planned_units, preset, task_masks
 from trainer.compact import compact_task, write_back
 from trainer.network import MaskedNetwork, parse_network_spec
 from trainer.pipeline import add_task, fit_to_network, load_network
@@ -355,6 +355,10 @@ def test_a_plan_spreads_the_free_units_evenly_and_refuses_a_task_it_has_no_share
     with pytest.raises(ConfigError, match="plan_tasks 2: the network holds 2 task"):
         add_task(root, "c", "permuted-mnist:3", config=two, limit=500, data_dir=str(data_dir))
     assert ModelRepository.open(root).latest() == 2  # nothing half-published
+    # each layer gets its own share (a conv layer of 32 filters beside a dense layer of 64), one unit at least
+    owners = [torch.tensor([FREE] * 30 + [0, 1]), torch.tensor([FREE] * 64)]
+    assert planned_units(owners, 2, 6) == [7, 16] and planned_units(owners, 2, 0) is None
+    assert planned_units([torch.tensor([FREE, 0, 1])], 2, 3) == [1] and planned_units(owners, 2, 100) == [1, 1]
     with pytest.raises(ConfigError, match="plan_tasks"):
         preset("default", plan_tasks=-1)
     with pytest.raises(ConfigError, match="cannot go with min_units or max_units"):
