@@ -206,6 +206,16 @@ def _fit_runs(pairs: list[dict]) -> list[dict]:
     return [p for p in pairs if p["network"] == TARGET["network"] and not p["limit"] and not p.get("prune_connections")]
 
 
+FIT_PLACE = 4.5  # where `units_fit` reads its line: a task in the middle of a 10-task run (places 0..9)
+
+
+def fit_at(f: dict, units):
+    """One of `units_fit`'s fits read at `units` (a number or an array) for a task at FIT_PLACE."""
+    import numpy as np
+
+    return f["intercept"] + f["per_task_later"] * FIT_PLACE + f["per_doubling"] * np.log2(units)
+
+
 def units_fit(pairs: list[dict]) -> dict | None:
     """How a task's difference to the single-task reference follows the units it kept: a least-squares fit over every
     paired task of the runs on the target's network with all training data and without connection pruning (step 5,
@@ -227,8 +237,8 @@ def units_fit(pairs: list[dict]) -> dict | None:
         resid = y - x @ coef
         se = np.sqrt(np.diag(np.linalg.inv(x.T @ x)) * float(resid @ resid) / (len(y) - 3))
         out[key] = {"intercept": float(coef[0]), "per_task_later": float(coef[1]), "per_doubling": float(coef[2]),
-                    "per_task_later_se": float(se[1]), "per_doubling_se": float(se[2]),
-                    "at_units": {str(u): float(coef[0] + coef[1] * 4.5 + coef[2] * np.log2(u)) for u in (100, 150, 200)}}
+                    "per_task_later_se": float(se[1]), "per_doubling_se": float(se[2])}
+        out[key]["at_units"] = {str(u): float(fit_at(out[key], u)) for u in (100, 150, 200)}
     return out
 
 
@@ -573,7 +583,7 @@ def units_plot(pairs: list[dict], fit: dict | None, out: Path) -> list[str]:
     fig.colorbar(sc, ax=ax, label="task in the sequence")
     f = fit["difference"]
     u = np.geomspace(min(t["units"] for t in rows), max(t["units"] for t in rows), 50)
-    ax.plot(u, f["intercept"] + f["per_task_later"] * 4.5 + f["per_doubling"] * np.log2(u), color="C3",
+    ax.plot(u, fit_at(f, u), color="C3",
             label=f"fit: {f['per_doubling']:+.2f} ± {f['per_doubling_se']:.2f} per doubling "
                   f"({fit['tasks']} tasks of {fit['runs']} runs)")
     ax.axhline(TARGET["difference"], color="grey", linestyle="--", linewidth=0.8,

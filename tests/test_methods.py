@@ -346,14 +346,15 @@ def test_a_plan_spreads_the_free_units_evenly_and_refuses_a_task_it_has_no_share
     net, owners = load_network(repo, repo.read_manifest(3))
     assert [[int((o == t).sum()) for t in range(3)] for o in owners] == [[21, 21, 22]] * 2
 
-    # a plan of 2 on a fresh repository; then a third task under it is refused before any training
+    # two tasks under a plan of 4; a third under a plan of 2 has no share left and is refused before its data is
+    # even read (the data folder does not exist, so a later check would fail on the data instead)
     root = tmp_path / "repo2"
-    two = replace(config, plan_tasks=2)
     for name, source in (("a", "permuted-mnist:1"), ("b", "permuted-mnist:2")):
-        add_task(root, name, source, network="mlp:784-64-64", config=replace(two, plan_tasks=4), limit=500,
+        add_task(root, name, source, network=NETWORK, config=replace(config, plan_tasks=4), limit=500,
                  data_dir=str(data_dir))
     with pytest.raises(ConfigError, match="plan_tasks 2: the network holds 2 task"):
-        add_task(root, "c", "permuted-mnist:3", config=two, limit=500, data_dir=str(data_dir))
+        add_task(root, "c", "permuted-mnist:3", config=replace(config, plan_tasks=2), limit=500,
+                 data_dir=str(tmp_path / "no-data"))
     assert ModelRepository.open(root).latest() == 2  # nothing half-published
     # each layer gets its own share (a conv layer of 32 filters beside a dense layer of 64), one unit at least
     owners = [torch.tensor([FREE] * 30 + [0, 1]), torch.tensor([FREE] * 64)]
