@@ -55,7 +55,8 @@ def capacity_report(manifest: Manifest) -> CapacityReport:
     """Per-layer and per-task unit accounting of one version.
 
     The estimate of further tasks is `forecast_additional_tasks`: the trend of new units per task, per
-    layer; the tightest layer decides.
+    layer; the tightest layer decides. A network planned for more tasks than it holds (Manifest.plan_tasks)
+    fits exactly the rest of its plan, each keeping an equal share of the FREE units.
     """
     layers = tuple(
         LayerCapacity(
@@ -81,6 +82,15 @@ def capacity_report(manifest: Manifest) -> CapacityReport:
     n, basis = forecast_additional_tasks(
         {l.name: l.units for l in manifest.layers}, {l.name: l.free for l in manifest.layers},
         [{l.name: l.owned_by(t.index) for l in manifest.layers} for t in manifest.tasks])
+    if manifest.plan_tasks > len(manifest.tasks) and all(l.free for l in manifest.layers):
+        # a plan says what the next tasks keep: no trend to guess
+        left = manifest.plan_tasks - len(manifest.tasks)
+        shares = ", ".join(f"{l.name} {max(1, l.free // left)}" for l in manifest.layers)
+        trend = "unbounded" if math.isinf(n) else f"{n:.0f}"
+        return CapacityReport(manifest.version, layers, tasks, float(left), (
+            f"the network is planned for {manifest.plan_tasks} tasks (clnp-train add-task --plan-tasks) and holds "
+            f"{len(manifest.tasks)}: each of the {left} left keeps an equal share of the FREE units, the next "
+            f"{shares}; without the plan, the tasks so far would forecast {trend} ({basis})"))
     return CapacityReport(manifest.version, layers, tasks, n, basis)
 
 

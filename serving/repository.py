@@ -153,6 +153,9 @@ class Manifest:
     weights_sha256: str
     created: str  # ISO 8601 UTC
     weights_size: int | None = None  # bytes of the weights file (absent in versions written before sizes were recorded)
+    # The tasks the network is planned for in all (`clnp-train add-task --plan-tasks`): each task keeps an equal share
+    # of the FREE units, and later tasks keep the plan unless told otherwise. 0: no plan (and in versions before plans).
+    plan_tasks: int = 0
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -234,6 +237,7 @@ class Manifest:
             weights_sha256=str(data["weights_sha256"]),
             created=str(data["created"]),
             weights_size=None if data.get("weights_size") is None else int(data["weights_size"]),
+            plan_tasks=int(data.get("plan_tasks", 0)),
         )
 
 

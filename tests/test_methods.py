@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from serving.contract import FREE
+from serving.capacity import capacity_report
 from serving.repository import ModelRepository
 from trainer.clnp import PRESETS, ConfigError, new_owners, planned_units, preset, task_masks
 from trainer.compact import compact_task, write_back
@@ -333,16 +334,31 @@ def test_max_units_is_a_cap_that_cuts_past_the_max_drop_and_changes_nothing_wher
 
 def test_a_plan_spreads_the_free_units_evenly_and_refuses_a_task_it_has_no_share_for(tmp_path, data_dir):
     """plan_tasks N: each task keeps FREE // (N - tasks learned) units per layer, whatever max_drop allows, and the
-    last one takes what is left; a task past the plan is refused before training, and nothing is published."""
+    last one takes what is left; the version keeps the plan, so the tasks after the first follow it unasked, and
+    the capacity report forecasts the rest of the plan. A task past the plan is refused before training, and
+    nothing is published."""
     config = preset("default", **dict(FAST, epochs=1, recovery_epochs=0.5, finetune_epochs=1), plan_tasks=3)
     root = tmp_path / "repo"
     kept = []
     for name, source in (("a", "permuted-mnist:1"), ("b", "permuted-mnist:2"), ("c", "permuted-mnist:3")):
-        result = add_task(root, name, source, network=NETWORK, config=config, limit=500, data_dir=str(data_dir))
+        # only the first task is given the plan; the others inherit it from the version they are added to
+        result = add_task(root, name, source, network=NETWORK, config=config if name == "a" else
+                          replace(config, plan_tasks=0), limit=500, data_dir=str(data_dir))
         kept.append(result.outcome.units_kept)
+        assert result.manifest.plan_tasks == 3
+        assert ModelRepository.open(root).read_manifest().tasks[-1].training["config"]["plan_tasks"] == 3
     assert [set(k.values()) for k in kept] == [{21}, {21}, {22}], kept  # 64 // 3, 43 // 2, then the 22 left
     repo = ModelRepository.open(root)
     assert [l.free for l in repo.read_manifest(3).layers] == [0, 0]
+    after_one = capacity_report(repo.read_manifest(1))
+    assert after_one.estimated_additional_tasks == 2.0
+    assert "planned for 3 tasks" in after_one.estimate_basis and "the next layer1 21, layer2 21" in after_one.estimate_basis
+    # the plan, not the trend, decides: planned for 10, the same version fits 9 more of 4 units (43 // 9) where
+    # the trend of its one 21-unit task fits 2
+    replanned = capacity_report(replace(repo.read_manifest(1), plan_tasks=10))
+    assert replanned.estimated_additional_tasks == 9.0 and "the next layer1 4, layer2 4" in replanned.estimate_basis
+    assert "would forecast 2" in replanned.estimate_basis
+    assert capacity_report(repo.read_manifest(3)).estimated_additional_tasks == 0.0  # full: no plan share to offer
     net, owners = load_network(repo, repo.read_manifest(3))
     assert [[int((o == t).sum()) for t in range(3)] for o in owners] == [[21, 21, 22]] * 2
 
@@ -354,6 +370,10 @@ def test_a_plan_spreads_the_free_units_evenly_and_refuses_a_task_it_has_no_share
                  data_dir=str(data_dir))
     with pytest.raises(ConfigError, match="plan_tasks 2: the network holds 2 task"):
         add_task(root, "c", "permuted-mnist:3", config=replace(config, plan_tasks=2), limit=500,
+                 data_dir=str(tmp_path / "no-data"))
+    # the plan it inherits sets the units, so a floor or cap beside it is refused as early, saying how to end it
+    with pytest.raises(ConfigError, match=r"planned for 4 tasks \(version 2\).*--plan-tasks 0 to end the plan"):
+        add_task(root, "c", "permuted-mnist:3", config=replace(config, plan_tasks=0, max_units=5), limit=500,
                  data_dir=str(tmp_path / "no-data"))
     assert ModelRepository.open(root).latest() == 2  # nothing half-published
     # each layer gets its own share (a conv layer of 32 filters beside a dense layer of 64), one unit at least

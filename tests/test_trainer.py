@@ -467,6 +467,38 @@ def test_add_task_training_option_reaches_the_record(option, bad, good, key, val
     assert record.training["config"][key] == value
 
 
+def test_a_plan_given_once_holds_for_the_next_tasks_until_plan_tasks_0_ends_it(tmp_path, data_dir):
+    """`--plan-tasks 4` on the first task: the second, given no plan, follows it (its share, the summary says which
+    task of the plan it is and what the next keeps, and `capacity` forecasts the plan); `--plan-tasks 0` ends it."""
+    root = tmp_path / "repo"
+    args = ["-r", str(root), "--network", "mlp:784-32-32", "--epochs", "1", "--finetune-epochs", "1",
+            "--limit", "500", "--data-dir", str(data_dir)]
+    res = CliRunner().invoke(cli, ["add-task", "-t", "a", "-d", "permuted-mnist:1", *args, "--plan-tasks", "4"])
+    assert res.exit_code == 0, res.output
+    assert "plan: task 1 of 4; the next keeps layer1 8, layer2 8" in res.output  # (32 - 8) // 3
+    res = CliRunner().invoke(cli, ["add-task", "-t", "b", "-d", "permuted-mnist:2", *args, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["plan_tasks"] == 4 and out["units_kept"] == {"layer1": 8, "layer2": 8}, out
+    res = CliRunner().invoke(cli, ["capacity", "-r", str(root), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["estimated_additional_tasks"] == 2 and "planned for 4 tasks" in report["estimate_basis"]
+    # a floor beside the inherited plan is refused in one line, before training, and nothing is published
+    before = tree_snapshot(root)
+    res = _run_cli(["add-task", "-t", "c", "-d", "permuted-mnist:3", *args, "--min-units", "2"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        "error: the repository is planned for 4 tasks (version 2), and the plan sets the units each task keeps: "
+        "leave out --min-units/--max-units, or give --plan-tasks 0 to end the plan"]
+    assert tree_snapshot(root) == before
+    res = CliRunner().invoke(cli, ["add-task", "-t", "c", "-d", "permuted-mnist:3", *args, "--plan-tasks", "0",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["plan_tasks"] == 0
+    assert ModelRepository.open(root).read_manifest(3).plan_tasks == 0
+
+
 def test_add_task_warns_when_a_task_keeps_most_of_a_layer_and_says_what_a_cap_cost(tmp_path, data_dir):
     """A task that keeps more than half of a layer's free units is warned about (with what bounds it); a cap
     (--max-units) cuts past the max drop, and the summary says what the bound alone would have kept."""

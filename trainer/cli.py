@@ -133,7 +133,9 @@ def cli(verbose: bool) -> None:
 @click.option("--plan-tasks", type=click.IntRange(min=0), default=None,
               help="The network is planned for N tasks in all: the new task keeps an equal share of the free units, "
                    "free // (N - tasks learned) per layer, whatever the max drop allows (accuracy follows the units "
-                   "a task keeps) [default: 0: no plan; not with --min-units or --max-units].")
+                   "a task keeps). The version keeps the plan, and later tasks follow it unless given --plan-tasks "
+                   "again; 0 ends it [default: the latest version's plan, else none; not with --min-units or "
+                   "--max-units].")
 @click.option("--score", type=click.Choice(sorted(_SCORES)), default=None,
               help=f"How units are ranked for pruning [default: {_DEFAULTS.score}].")
 @click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,
@@ -258,13 +260,14 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     show = sys.stderr.isatty() if progress is None else progress
     result = _run(lambda: add_task(repository, task, source, network=network, config=config, limit=limit,
                                    data_dir=data_dir, label_column=label_column, retention=retention,
-                                   show_progress=show, device=device))
+                                   show_progress=show, device=device, inherit_plan=plan_tasks is None))
     if quiet:  # a data-parallel rank other than 0: rank 0 reports
         return
     m, o = result.manifest, result.outcome
     record = m.tasks[-1]
+    plan = m.plan_tasks  # the plan the task followed: its own, or the one it inherited
     # a plan sets each task's share itself: no warning that it took much of a layer
-    warnings = [] if config.plan_tasks else large_share_warnings(o.units_kept, o.units_pruned, config.max_units)
+    warnings = [] if plan else large_share_warnings(o.units_kept, o.units_pruned, config.max_units)
     if as_json:
         click.echo(json.dumps({
             "version": m.version, "task": record.name, "index": record.index,
@@ -274,7 +277,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
             "epoch_seconds": o.epoch_seconds, "phase_seconds": o.phase_seconds,
             "phase_validation_accuracy": o.phase_validation, "finetune_discarded_validation_accuracy": o.finetune_discarded,
             "teacher_validation_accuracy": o.teacher_validation,
-            "units_capped_from": o.capped, "warnings": warnings,
+            "units_capped_from": o.capped, "plan_tasks": plan, "warnings": warnings,
             "seconds": result.seconds,
             "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
             "world_size": result.world_size,
@@ -289,6 +292,11 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     for l in m.layers:
         click.echo(f"  {l.name}: kept {o.units_kept[l.name]:>5} units, reuses {o.reused[l.name]:>5} earlier, "
                    f"{l.free:>5} of {l.units} free")
+    if plan:
+        left = plan - len(m.tasks)
+        click.echo(f"  plan: task {len(m.tasks)} of {plan}"
+                   + (f"; the next keeps {', '.join(f'{l.name} {l.free // left}' for l in m.layers)} "
+                      f"(--plan-tasks N changes the plan, 0 ends it)" if left else "; the plan is complete"))
     click.echo("  validation after each phase: " + ", ".join(f"{name} {v:.2f}%" for name, v in o.phase_validation.items()))
     if o.teacher_validation is not None:
         click.echo(f"  teacher (trained on the task alone, every unit): {o.teacher_validation:.2f}% validation")
@@ -298,10 +306,10 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
                       if config.finetune_keep == "bound" else "") + "; the pruned network was kept")
     if o.capped:
         drop = o.dense_validation_accuracy - o.phase_validation["prune"]
-        bound = f"plan of {config.plan_tasks} tasks" if config.plan_tasks else f"max units {config.max_units}"
+        bound = f"plan of {plan} tasks" if plan else f"max units {config.max_units}"
         click.echo(f"  {bound}: within the max drop pruning would have kept "
                    + ", ".join(f"{n} {c}" for n, c in o.capped.items())
-                   + f"; cut to {'its share' if config.plan_tasks else 'the cap'}, pruned validation was {abs(drop):.2f} points "
+                   + f"; cut to {'its share' if plan else 'the cap'}, pruned validation was {abs(drop):.2f} points "
                    + ("under" if drop > 0 else "over") + " the unpruned network"
                    + (f", past the max drop of {config.max_drop}" if drop > config.max_drop else ""))
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in o.phase_seconds.items())

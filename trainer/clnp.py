@@ -290,8 +290,9 @@ def planned_units(owners: list[torch.Tensor], task: int, plan_tasks: int) -> lis
     if not plan_tasks:
         return None
     if task >= plan_tasks:
-        raise ConfigError(f"plan_tasks {plan_tasks}: the network holds {task} task(s) already, so the plan has no share "
-                          "left for this one; give --plan-tasks the number of tasks you now expect in all, or leave it out")
+        raise ConfigError(f"plan_tasks {plan_tasks}: the network holds {task} task(s) already, so the plan has no "
+                          "share left for this one; give --plan-tasks the number of tasks you now expect in all, or "
+                          "--plan-tasks 0 to go on without a plan")
     return [max(1, int((o == FREE).sum()) // (plan_tasks - task)) for o in owners]
 
 

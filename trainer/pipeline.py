@@ -30,8 +30,8 @@ from serving.repository import (
 )
 from serving.objectstore import ObjectStoreRepository, create_repository, is_remote, open_repository
 from trainer import distributed
-from trainer.clnp import (CLNPConfig, TaskOutcome, accuracy, check_capacity, learn_task, new_owners, planned_units,
-                          task_masks)
+from trainer.clnp import (CLNPConfig, ConfigError, TaskOutcome, accuracy, check_capacity, learn_task, new_owners,
+                          planned_units, task_masks)
 from trainer.data import TaskData, load_source
 from serving.contract import INPUT_NAME, OUTPUT_NAME, TASK_INPUT_NAME
 from trainer.export import OPSET, check_parity, export_onnx, export_task_graph
@@ -121,6 +121,19 @@ class _Tensors:
     y_val: torch.Tensor
 
 
+def follow_plan(config: CLNPConfig, previous: Manifest, inherit: bool = True) -> CLNPConfig:
+    """`config` under the plan of the version a task is added to: the version's plan when `config` sets none and
+    `inherit` holds, else `config` as it is (its own plan, or none). Raises ConfigError when the plan would be
+    followed beside min_units or max_units, which a plan replaces."""
+    if not (inherit and previous.plan_tasks and not config.plan_tasks):
+        return config
+    if config.min_units or config.max_units:
+        raise ConfigError(
+            f"the repository is planned for {previous.plan_tasks} tasks (version {previous.version}), and the plan "
+            "sets the units each task keeps: leave out --min-units/--max-units, or give --plan-tasks 0 to end the plan")
+    return dataclasses.replace(config, plan_tasks=previous.plan_tasks)
+
+
 def add_task(
     repository: str | Path,
     task: str,
@@ -134,10 +147,14 @@ def add_task(
     retention: int | None = None,
     show_progress: bool = False,
     device: str = "cpu",
+    inherit_plan: bool = True,
 ) -> AddTaskResult:
     """Learn `task` from `source` into the free units of the latest version and publish the next one.
 
     The first call creates the repository and the network (`network`, default DEFAULT_NETWORK).
+    A plan (`config.plan_tasks`) is kept by the version it publishes; with `inherit_plan` and no plan in `config`,
+    the task follows the latest version's plan, so a plan set once holds for the tasks that follow it
+    (`inherit_plan=False` with `plan_tasks=0` ends it).
     Raises (before anything is written): RepositoryError (not a repository, corrupt version, bad or
     duplicate task name), DataError, NetworkSpecError, InputMismatchError, CapacityExhaustedError;
     VerificationError if an earlier task changed or the export disagrees with torch.
@@ -158,6 +175,7 @@ def add_task(
                 f"--network {network} differs from the repository's network {spec}; omit --network to use it"
             )
         validate_task_name(task, previous.task_names)
+        config = follow_plan(config, previous, inherit_plan)
 
     if previous is None:
         torch.manual_seed(config.seed)
@@ -274,6 +292,7 @@ def add_task(
                 weights_file=WEIGHTS_FILE,
                 weights_sha256=weights_sha,
                 created=created,
+                plan_tasks=config.plan_tasks,
             )
 
         t0 = time.perf_counter()
