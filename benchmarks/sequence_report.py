@@ -274,6 +274,7 @@ def target_check(pairs: list[dict], runs: list[RunSummary]) -> list[dict]:
         if difference < TARGET["difference"]:
             missing.append(f"difference {difference:+.3f} < {TARGET['difference']}")
         rows.append({"group": g, "seeds": [p["seed"] for p in members], "tasks": [p["tasks"] for p in members],
+                     "seed_differences": [p["difference"] for p in members],
                      "average": average, "difference": difference,
                      "difference_std": statistics.stdev(p["difference"] for p in members) if len(members) > 1 else None,
                      "validation_difference": statistics.fmean(p["validation_difference"] for p in members),
@@ -407,11 +408,11 @@ def markdown(res: dict, plots: list[str]) -> str:
                   f"{t['difference']})", "",
                   "Means over the settings' seeds: the difference is each seed's, task by task, averaged over seeds "
                   "(± standard deviation over seeds). A setting met the target when nothing is missing.", "",
-                  "| settings | seeds (tasks paired) | average test (%) | difference | validation difference "
+                  "| settings | seeds (tasks paired: difference) | average test (%) | difference | validation difference "
                   "| units per task | target |", "|---|---|---:|---:|---:|---:|---|"]
             for g in res["target"]:
                 std = "" if g["difference_std"] is None else f" ± {g['difference_std']:.2f}"
-                seeds = ", ".join(f"{s} ({n})" for s, n in zip(g["seeds"], g["tasks"]))
+                seeds = ", ".join(f"{s} ({n}: {d:+.2f})" for s, n, d in zip(g["seeds"], g["tasks"], g["seed_differences"]))
                 L.append(f"| {g['group']} | {seeds} | {g['average']:.2f} | {g['difference']:+.2f}{std} | "
                          f"{g['validation_difference']:+.2f} | {g['units_per_task']:.0f} | "
                          f"{'**met**' if g['met'] else 'not met: ' + '; '.join(g['missing'])} |")

@@ -188,6 +188,7 @@ def test_target_check_says_what_keeps_a_setting_from_the_target():
     assert set(rows) == {"A", "B", "C"}  # the lifetime run, the 3-task proxy and the --limit run are not checked
     a, b, c = rows["A"], rows["B"], rows["C"]
     assert a["met"] and a["missing"] == [] and a["seeds"] == [0, 1, 2]
+    assert a["seed_differences"] == [-0.05, -0.08, -0.10]  # each seed's own, shown beside the mean
     assert a["average"] == pytest.approx((98.60 + 98.56 + 98.55) / 3)
     assert a["difference"] == pytest.approx(-0.23 / 3) and a["validation_difference"] == pytest.approx(-0.23 / 6)
     assert not b["met"] and b["missing"] == ["a task did not fit", "difference -0.110 < -0.1"]
