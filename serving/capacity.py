@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from serving.contract import plan_share
 from serving.repository import Manifest
 
 
@@ -85,7 +86,8 @@ def capacity_report(manifest: Manifest) -> CapacityReport:
     if manifest.plan_tasks > len(manifest.tasks) and all(l.free for l in manifest.layers):
         # a plan says what the next tasks keep: no trend to guess
         left = manifest.plan_tasks - len(manifest.tasks)
-        shares = ", ".join(f"{l.name} {max(1, l.free // left)}" for l in manifest.layers)
+        shares = ", ".join(f"{l.name} {plan_share(l.free, manifest.plan_tasks, len(manifest.tasks))}"
+                           for l in manifest.layers)
         trend = "unbounded" if math.isinf(n) else f"{n:.0f}"
         return CapacityReport(manifest.version, layers, tasks, float(left), (
             f"the network is planned for {manifest.plan_tasks} tasks (clnp-train add-task --plan-tasks) and holds "

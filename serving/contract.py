@@ -19,3 +19,9 @@ def visible_to(owner, task_index: int):
     `owner` is an int array or tensor of owners (numpy or torch; the comparison is elementwise).
     """
     return (owner >= 0) & (owner <= task_index)
+
+
+def plan_share(free: int, plan_tasks: int, learned: int) -> int:
+    """The units per layer the next task keeps under a plan of `plan_tasks` tasks when `learned` are learned and
+    `free` units of the layer are FREE: an equal share of them, at least one (`plan_tasks` > `learned`)."""
+    return max(1, free // (plan_tasks - learned))

@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from serving.contract import plan_share
 from trainer.clnp import (FINETUNE_KEEP as _FINETUNE_KEEP, PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES,
                           REUSE_INITS as _REUSE_INITS, TEACHERS as _TEACHERS, CLNPConfig)
 from trainer.pruning import RANKS as _RANKS, SCHEDULES as _SCHEDULES, SCORES as _SCORES
@@ -293,10 +294,10 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         click.echo(f"  {l.name}: kept {o.units_kept[l.name]:>5} units, reuses {o.reused[l.name]:>5} earlier, "
                    f"{l.free:>5} of {l.units} free")
     if plan:
-        left = plan - len(m.tasks)
-        click.echo(f"  plan: task {len(m.tasks)} of {plan}"
-                   + (f"; the next keeps {', '.join(f'{l.name} {l.free // left}' for l in m.layers)} "
-                      f"(--plan-tasks N changes the plan, 0 ends it)" if left else "; the plan is complete"))
+        n = len(m.tasks)
+        shares = ", ".join(f"{l.name} {plan_share(l.free, plan, n)}" for l in m.layers) if plan > n else ""
+        click.echo(f"  plan: task {n} of {plan}" + (f"; the next keeps {shares} (--plan-tasks N changes the plan, "
+                                                    "0 ends it)" if shares else "; the plan is complete"))
     click.echo("  validation after each phase: " + ", ".join(f"{name} {v:.2f}%" for name, v in o.phase_validation.items()))
     if o.teacher_validation is not None:
         click.echo(f"  teacher (trained on the task alone, every unit): {o.teacher_validation:.2f}% validation")

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from serving.contract import FREE, visible_to
+from serving.contract import FREE, plan_share, visible_to
 from trainer.network import MaskedNetwork
 from trainer.pruning import RANKS, SCHEDULES, SCORES, PruneContext, restore, schedule_for
 from trainer.training import LR_SCHEDULES, PRECISIONS, EpochPlan, TaskTrainer, accuracy, mean_activations, train_compact
@@ -293,7 +293,7 @@ def planned_units(owners: list[torch.Tensor], task: int, plan_tasks: int) -> lis
         raise ConfigError(f"plan_tasks {plan_tasks}: the network holds {task} task(s) already, so the plan has no "
                           "share left for this one; give --plan-tasks the number of tasks you now expect in all, or "
                           "--plan-tasks 0 to go on without a plan")
-    return [max(1, int((o == FREE).sum()) // (plan_tasks - task)) for o in owners]
+    return [plan_share(int((o == FREE).sum()), plan_tasks, task) for o in owners]
 
 
 def _in_units_view(w: torch.Tensor, in_units: int) -> torch.Tensor:
