@@ -87,8 +87,8 @@ def prune_and_tune(cfg: CLNPConfig, task, net: MaskedNetwork, dense: DenseTask) 
     kept and scored, with test accuracy after pruning and at the end (reported only)."""
     t0 = time.perf_counter()
     pruned_test = {}
-    out = prune_and_finetune(net, dense, task, cfg, on_phase=lambda name, masks: pruned_test.setdefault(
-        name, accuracy(net, task.x_test, task.y_test, 0, masks)))
+    out = prune_and_finetune(net, dense, task, cfg, on_phase=lambda name, network, masks: pruned_test.setdefault(
+        name, accuracy(network, task.x_test, task.y_test, 0, masks)))
     masks = task_masks(out.owners, 0)
     return {"units": [int((o == 0).sum()) for o in out.owners], "prune_steps": out.prune_steps,
             "pruned_validation": out.pruned_validation, "pruned_test": pruned_test["prune"],

@@ -84,6 +84,9 @@ class TaskResult:
     teacher_validation: float | None = None
     # CLNP with max_units: layer -> units the max_drop search kept before the cap cut the layer; empty otherwise
     capped: dict = field(default_factory=dict)
+    # CLNP with candidate_pool: layer -> candidates the task chose from (FREE and temporary units), where the pool
+    # was wider than FREE; empty otherwise
+    pool: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -281,7 +284,8 @@ def run(args) -> RunRecord:
             + ("" if done.finetune_discarded is None else
                f"; fine-tuning discarded (it ended at val {done.finetune_discarded:.2f})")
             + ("" if done.teacher_validation is None else f"; teacher val {done.teacher_validation:.2f}")
-            + ("" if not done.capped else f"; {'its plan share' if config.plan_tasks else 'max_units'} cut it from {done.capped}"))
+            + ("" if not done.capped else f"; {'its plan share' if config.plan_tasks else 'max_units'} cut it from {done.capped}")
+            + ("" if not done.pool else f"; chosen from a candidate pool of {done.pool}"))
         del task
     return record
 
@@ -328,8 +332,9 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
     x_test, y_test = task.x_test.to(device), task.y_test.to(device)  # moved once, read after each phase
     phase_test: dict[str, float] = {}
 
-    def held_out(name, masks):  # test accuracy at the end of a phase (on the training device): recorded, never chosen on
-        phase_test[name] = round(accuracy(net, x_test, y_test, index, masks), 3)
+    def held_out(name, network, masks):  # test accuracy at the end of a phase (on the training device): recorded,
+        # never chosen on; `network` is `net`, or the wide copy a candidate pool trains in
+        phase_test[name] = round(accuracy(network, x_test, y_test, index, masks), 3)
 
     t0 = time.perf_counter()
     try:
@@ -345,7 +350,7 @@ def learn_clnp(net: MaskedNetwork, owners, t: int, task: Task, config: CLNPConfi
             "phase_test": phase_test, "seconds": time.perf_counter() - t0,
             "finetune_discarded": None if outcome.finetune_discarded is None else round(outcome.finetune_discarded, 3),
             "teacher_validation": None if outcome.teacher_validation is None else round(outcome.teacher_validation, 3),
-            "capped": dict(outcome.capped)}
+            "capped": dict(outcome.capped), "pool": dict(outcome.pool)}
 
 
 def learn_single(t: int, task: Task, config: CLNPConfig, network: str, device: str = "cpu") -> dict:

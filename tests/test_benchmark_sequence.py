@@ -291,6 +291,31 @@ def test_a_fork_learns_its_next_tasks_with_the_new_settings(tmp_path, data_dir):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_fork_taken_back_to_an_earlier_task_learns_the_next_one_as_the_original_run_did(tmp_path, data_dir):
+    """fork_run --at N: the tasks after N are dropped (units FREE, heads, probes, records), and running on with
+    the same settings learns task N + 1 bit for bit as the original did: what a later task left in the FREE
+    units never reaches the next one."""
+    from benchmarks.fork_run import fork
+
+    original = _run(tmp_path / "orig", 3, data_dir)
+    assert fork(tmp_path / "orig", tmp_path / "back", {}, at=2) == {}
+    back = json.loads((tmp_path / "back" / "run.json").read_text())
+    assert len(back["tasks"]) == 2 and len(back["accuracy_rows"]) == 2
+    assert [(z["task"], z["after_task"]) for z in back["zero_forgetting"]] == [(0, 1)]
+    state = load_file(str(tmp_path / "back" / "state.safetensors"))
+    assert "heads.2.weight" not in state and "probe.2.x" not in state and "heads.1.weight" in state
+    assert all(int((state[f"owners.{i}"] == 2).sum()) == 0 for i in range(2))
+    again = _run(tmp_path / "back", 3, data_dir)
+    assert _comparable(again)["tasks"] == _comparable(original)["tasks"]
+    assert again.accuracy_rows == original.accuracy_rows and again.zero_forgetting == original.zero_forgetting
+    a, b = load_file(str(tmp_path / "orig" / "state.safetensors")), load_file(str(tmp_path / "back" / "state.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert any("taken back to task 2 of 3" in n for n in again.notes)
+    with pytest.raises(SystemExit, match="--at 4: .* holds tasks 1-3"):
+        fork(tmp_path / "orig", tmp_path / "past", {}, at=4)
+    assert not (tmp_path / "past").exists()
+
+
 def test_reuse_table_reads_both_measures_from_the_saved_state(tmp_path, data_dir, capsys):
     """The connection count read back from the state equals what the run recorded; the signal count is at most it."""
     record = _run(tmp_path / "r", 2, data_dir)

@@ -17,7 +17,8 @@ from serving.contract import FREE
 from serving.capacity import capacity_report
 from serving.repository import ModelRepository
 from trainer.clnp import PRESETS, ConfigError, new_owners, planned_units, preset, task_masks
-from trainer.compact import compact_task, write_back
+from trainer import clnp
+from trainer.compact import compact_task, move_into, widen, write_back
 from trainer.network import MaskedNetwork, parse_network_spec
 from trainer.pipeline import add_task, fit_to_network, load_network
 from trainer.pruning import SCHEDULES, SCORES, _cut, _cut_global
@@ -98,6 +99,95 @@ def test_compact_copy_round_trips_bit_for_bit(data_dir):
     write_back(ct, net, 1)
     for k, v in net.state_tensors().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_task_learned_in_a_wider_copy_moves_into_the_free_units_and_computes_what_it_computed_there():
+    """widen adds FREE units in every layer (a conv net and its dense layer) without changing any task's answer;
+    move_into puts a task that kept units beyond the width into FREE units of the network, where it answers
+    as it did in the wide copy, and writes no earlier task's unit or head."""
+    torch.manual_seed(0)
+    net = MaskedNetwork(parse_network_spec("cnn:1x28x28-c6-c8-d16"))
+    for classes in (10, 5):
+        net.add_head(classes, torch.ones(1, 28, 28), torch.zeros(1, 28, 28))
+    owners = [torch.tensor([0, -1, 0, -1, -1, 0]), torch.tensor([0, -1, -1, 0, -1, 0, -1, -1]),
+              torch.tensor([0] * 6 + [-1] * 10)]
+    clnp.zero_free_connections(net, owners, 0)
+    x = torch.rand(4, 1, 28, 28) * 255
+    before = {k: v.clone() for k, v in net.state_tensors().items()}
+    wide, wide_owners = widen(net, owners, [3, 2, 5])
+    assert [l.units for l in wide.spec.layers] == [9, 10, 21]
+    assert [int((o == FREE).sum()) for o in wide_owners] == [6, 7, 15]
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x, 0, task_masks(wide_owners, 0)), net(x, 0, task_masks(owners, 0)),
+                                   rtol=1e-6, atol=1e-6)
+    # task 1 "learned" in the wide copy: fresh weights in its rows and head, units kept within and beyond the width
+    generator = torch.Generator().manual_seed(3)
+    for i, o in enumerate(wide_owners):
+        wide.reinit_units(i, o == FREE, generator=generator)
+    with torch.no_grad():
+        wide.head_weights[1].normal_(generator=generator)
+    kept = [[1, 6, 8], [2, 9], [7, 16, 17, 20]]
+    wide_new = [o.clone() for o in wide_owners]
+    for o, k in zip(wide_new, kept):
+        o[k] = 1
+    clnp.zero_free_connections(wide, wide_new, 1)
+    new = move_into(wide, wide_new, net, owners, 1)
+    assert [int((o == 1).sum()) for o in new] == [3, 2, 4]
+    assert new[0][1] == 1 and new[2][7] == 1  # kept within the width: where they were
+    for o, n in zip(owners, new):
+        assert torch.equal(n[o != FREE], o[o != FREE])  # task 0's units stay task 0's
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 1, task_masks(new, 1)), wide(x, 1, task_masks(wide_new, 1)),
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(net(x, 0, task_masks(new, 0)), net(x, 0, task_masks(owners, 0)))
+    after = net.state_tensors()
+    for i, o in enumerate(owners):  # earlier rows and heads bit-identical
+        assert torch.equal(after[f"layers.{i}.weight"][o == 0], before[f"layers.{i}.weight"][o == 0])
+    assert torch.equal(after["heads.0.weight"], before["heads.0.weight"])
+    too_many = [o.clone() for o in wide_new]
+    too_many[1][[3, 4, 6, 7, 8]] = 1  # 7 units where the network has 5 FREE
+    with pytest.raises(RuntimeError, match="kept 7 units, but the network has only 5 FREE"):
+        move_into(wide, too_many, net, owners, 1)
+
+
+def test_a_candidate_pool_lets_a_plan_s_last_tasks_choose_from_more_units_than_are_free(tmp_path, data_dir):
+    """candidate_pool 2.5 under a plan of 3 on 64 units: the first task has 64 FREE for its 21 (no pool: it is
+    learned exactly as without one); the second chooses 21 from 53 (43 FREE and 10 temporary), the last 22 from
+    55 (33 temporary). The published network keeps its shape, every earlier task stays bit-identical (add_task
+    checks it), and the CLNP invariants hold. Without a plan there is no share to size a pool from: refused
+    before any data is read."""
+    config = preset("default", **dict(FAST, epochs=1, recovery_epochs=0.5, finetune_epochs=1), plan_tasks=3)
+    pooled, plain = tmp_path / "pooled", tmp_path / "plain"
+    add_task(plain, "a", "permuted-mnist:1", network=NETWORK, config=config, limit=500, data_dir=str(data_dir))
+    outcomes = []
+    for name, source in (("a", "permuted-mnist:1"), ("b", "permuted-mnist:2"), ("c", "permuted-mnist:3")):
+        result = add_task(pooled, name, source, network=NETWORK, config=replace(config, candidate_pool=2.5),
+                          limit=500, data_dir=str(data_dir))
+        assert result.earlier_tasks_checked == len(outcomes) and result.parity_max_difference < 1e-3
+        outcomes.append(result.outcome)
+        repo = ModelRepository.open(pooled)
+        net, owners = load_network(repo, repo.read_manifest())
+        assert [l.units for l in net.spec.layers] == [64, 64]
+        for i in range(1, len(owners)):  # connections from FREE units into owned units are exactly zero
+            rows, cols = owners[i] != FREE, owners[i - 1] == FREE
+            assert torch.count_nonzero(net.weights[i].detach()[rows][:, cols]) == 0
+        o = result.outcome
+        assert o.phase_validation["reuse"] == o.validation_accuracy
+        assert o.validation_accuracy >= o.dense_validation_accuracy - config.max_drop - 1e-9 or o.capped
+    assert [o.pool for o in outcomes] == [{}, {"layer1": 53, "layer2": 53}, {"layer1": 55, "layer2": 55}]
+    assert [set(o.units_kept.values()) for o in outcomes] == [{21}, {21}, {22}]
+    assert [set(o.units_pruned.values()) for o in outcomes] == [{43}, {22}, {0}]  # of the FREE units, as ever
+    assert [[int((o == t).sum()) for t in (FREE, 0, 1, 2)] for o in owners] == [[0, 21, 21, 22]] * 2
+    # the first task had FREE units enough: the pool did nothing, bit for bit
+    a = load_network(ModelRepository.open(plain), ModelRepository.open(plain).read_manifest(1))[0].state_tensors()
+    b = load_network(repo, repo.read_manifest(1))[0].state_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="must be 0 \\(off\\) or above 1"):
+        preset("default", candidate_pool=1.0)
+    with pytest.raises(ConfigError, match="there is no plan: add --plan-tasks"):
+        add_task(tmp_path / "none", "a", "permuted-mnist:1", network=NETWORK,
+                 config=preset("default", candidate_pool=2.0), limit=500, data_dir=str(tmp_path / "no-data"))
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
 
 def test_unknown_method_names_are_refused():
@@ -592,7 +682,7 @@ def test_full_teacher_is_trained_on_the_task_alone_and_teaches_recovery_and_fine
             used.append(teacher)
             return real_compact(*args, teacher=teacher, **kwargs)
 
-        def on_phase(name, masks):
+        def on_phase(name, network, masks):
             if name == "train":
                 dense_phase.update({k: v.clone() for k, v in net.state_tensors().items()})
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from serving.contract import FREE
 from serving.repository import ModelRepository, RepositoryError, CorruptVersionError
 from trainer.cli import cli
 from trainer.clnp import CLNPConfig, preset, task_masks
@@ -497,6 +498,35 @@ def test_a_plan_given_once_holds_for_the_next_tasks_until_plan_tasks_0_ends_it(t
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["plan_tasks"] == 0
     assert ModelRepository.open(root).read_manifest(3).plan_tasks == 0
+
+
+def test_candidate_pool_option_is_checked_in_one_line_and_the_summary_says_what_the_task_chose_from(tmp_path, data_dir):
+    """`--candidate-pool` at or under 1, or without a plan, is refused in one line before any data is read;
+    under a plan of 2 the first task has FREE units enough (no pool, the JSON says so) and the second chooses
+    its 16 units from 32 candidates, 16 of them temporary, as the summary says."""
+    root = tmp_path / "repo"
+    args = ["-r", str(root), "--network", "mlp:784-32-32", "--epochs", "1", "--finetune-epochs", "1",
+            "--limit", "500", "--data-dir", str(data_dir)]
+    for extra, message in ((["--candidate-pool", "1"], "error: candidate_pool 1.0 must be 0 (off) or above 1"),
+                           (["--candidate-pool", "2"], "error: candidate_pool 2.0 sizes a task's candidates from its "
+                                                       "plan share, and there is no plan: add --plan-tasks")):
+        res = _run_cli(["add-task", "-t", "a", "-d", "permuted-mnist:1", *args[:-1], str(tmp_path / "no-data"),
+                        *extra])
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), res.output
+        assert not root.exists() or list(root.iterdir()) == []
+    res = CliRunner().invoke(cli, ["add-task", "-t", "a", "-d", "permuted-mnist:1", *args, "--plan-tasks", "2",
+                                   "--candidate-pool", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["candidate_pool"] == {} and out["units_kept"] == {"layer1": 16, "layer2": 16}
+    res = CliRunner().invoke(cli, ["add-task", "-t", "b", "-d", "permuted-mnist:2", *args, "--candidate-pool", "2"])
+    assert res.exit_code == 0, res.output
+    assert "candidate pool: chose from layer1 32, layer2 32 units" in res.output
+    assert "layer1: kept    16 units" in res.output and "plan: task 2 of 2; the plan is complete" in res.output
+    net, owners = load_network(ModelRepository.open(root), ModelRepository.open(root).read_manifest(2))
+    assert [l.units for l in net.spec.layers] == [32, 32] and all(bool((o != FREE).all()) for o in owners)
 
 
 def test_add_task_warns_when_a_task_keeps_most_of_a_layer_and_says_what_a_cap_cost(tmp_path, data_dir):

@@ -137,6 +137,11 @@ def cli(verbose: bool) -> None:
                    "a task keeps). The version keeps the plan, and later tasks follow it unless given --plan-tasks "
                    "again; 0 ends it [default: the latest version's plan, else none; not with --min-units or "
                    "--max-units].")
+@click.option("--candidate-pool", type=click.FloatRange(min=0), default=None,
+              help="Under a plan: the new task chooses its share from at least this many times as many candidate "
+                   "units per layer. Where fewer are free (the last tasks of a plan), it trains in temporary units "
+                   "beyond the layer's width, and the units it keeps move into free ones; the published network "
+                   f"keeps its shape. 0: the free units alone [default: {_DEFAULTS.candidate_pool:g}].")
 @click.option("--score", type=click.Choice(sorted(_SCORES)), default=None,
               help=f"How units are ranked for pruning [default: {_DEFAULTS.score}].")
 @click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,
@@ -213,7 +218,7 @@ def cli(verbose: bool) -> None:
               help="Where to train. Exports and the zero-forgetting check always run on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, score, schedule, prune_rank, dropout, alpha, distill, teacher,
+def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, candidate_pool, score, schedule, prune_rank, dropout, alpha, distill, teacher,
                  distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                  reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column, retention, device, as_json, progress):
     """Learn a new task into the free units of the latest version and publish the next version.
@@ -233,7 +238,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
     # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard, rank 0 publishes.
     world = distributed.init_from_environment(device)
     try:
-        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, score, schedule, prune_rank, dropout, alpha,
+        _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, candidate_pool, score, schedule, prune_rank, dropout, alpha,
                   distill, teacher, distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
                   reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column,
                   retention, device, as_json, progress, quiet=world is not None and not world.is_main)
@@ -241,7 +246,7 @@ def add_task_cmd(repository, task, source, network, preset, epochs, max_drop, mi
         distributed.shutdown()
 
 
-def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, score, schedule, prune_rank, dropout, alpha, distill, teacher,
+def _add_task(repository, task, source, network, preset, epochs, max_drop, min_units, max_units, plan_tasks, candidate_pool, score, schedule, prune_rank, dropout, alpha, distill, teacher,
               distill_dense, learning_rate, lr_schedule, recovery_epochs, batch_size, finetune_epochs, finetune_keep, finetune_average, reuse_max_drop,
               reuse_measure, precision, connection_pruning, reuse_init, isolate, limit, seed, data_dir, label_column,
               retention, device, as_json, progress, quiet):
@@ -252,7 +257,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
     config = _run(lambda: make_config(
         preset, epochs=epochs, learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
         dropout=dropout, alpha=alpha, score=score, schedule=schedule, max_drop=max_drop, min_units=min_units,
-        max_units=max_units, plan_tasks=plan_tasks,
+        max_units=max_units, plan_tasks=plan_tasks, candidate_pool=candidate_pool,
         prune_rank=prune_rank, distill=distill, teacher=teacher,
         distill_dense=distill_dense, recovery_epochs=recovery_epochs, finetune_epochs=finetune_epochs, finetune_keep=finetune_keep,
         finetune_average=finetune_average, reuse_max_drop=reuse_max_drop,
@@ -278,7 +283,7 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
             "epoch_seconds": o.epoch_seconds, "phase_seconds": o.phase_seconds,
             "phase_validation_accuracy": o.phase_validation, "finetune_discarded_validation_accuracy": o.finetune_discarded,
             "teacher_validation_accuracy": o.teacher_validation,
-            "units_capped_from": o.capped, "plan_tasks": plan, "warnings": warnings,
+            "units_capped_from": o.capped, "plan_tasks": plan, "candidate_pool": o.pool, "warnings": warnings,
             "seconds": result.seconds,
             "earlier_tasks_verified": result.earlier_tasks_checked, "onnx_parity_max_difference": result.parity_max_difference,
             "world_size": result.world_size,
@@ -298,6 +303,9 @@ def _add_task(repository, task, source, network, preset, epochs, max_drop, min_u
         shares = ", ".join(f"{l.name} {plan_share(l.free, plan, n)}" for l in m.layers) if plan > n else ""
         click.echo(f"  plan: task {n} of {plan}" + (f"; the next keeps {shares} (--plan-tasks N changes the plan, "
                                                     "0 ends it)" if shares else "; the plan is complete"))
+    if o.pool:
+        click.echo("  candidate pool: chose from " + ", ".join(f"{n} {c}" for n, c in o.pool.items())
+                   + " units (the free ones and temporary ones beyond the layer, which left with training)")
     click.echo("  validation after each phase: " + ", ".join(f"{name} {v:.2f}%" for name, v in o.phase_validation.items()))
     if o.teacher_validation is not None:
         click.echo(f"  teacher (trained on the task alone, every unit): {o.teacher_validation:.2f}% validation")

@@ -30,6 +30,11 @@ that a probe can start from a cached dense network and still run the method itse
    fine-tuned network. It frees no unit. At `reuse_max_drop=0` it still removes every connection whose removal
    changes no validation answer, which costs test accuracy that validation cannot show (README.md, "Task sequences"),
    so it runs only where the "connections" reuse measure needs it.
+With `config.candidate_pool` under a plan, a task whose share is more than 1/candidate_pool of what is FREE (the
+last tasks of a plan; the very last one's share is all that is FREE) learns steps 1-6 in a wider copy of the
+network instead (`learn_in_pool`): temporary FREE units beyond each layer's width make the candidates up to
+candidate_pool x its share, pruning keeps its share from all of them, and the units kept beyond the width take
+the FREE units it left (trainer.compact.widen and move_into). The published network keeps its shape.
 6. The reuse measure (`config.reuse_measure`), how many earlier units task t draws on per layer:
    - "connections": the earlier units that keep a connection into task t after step 5;
    - "signal": read-only, the fewest earlier units that carry all but `reuse_signal_tail` of the signal
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -48,6 +54,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from serving.contract import FREE, plan_share, visible_to
+from trainer.compact import move_into, widen
 from trainer.network import MaskedNetwork
 from trainer.pruning import RANKS, SCHEDULES, SCORES, PruneContext, restore, schedule_for
 from trainer.training import LR_SCHEDULES, PRECISIONS, EpochPlan, TaskTrainer, accuracy, mean_activations, train_compact
@@ -94,6 +101,9 @@ class CLNPConfig:
     max_units: int = 0  # pruning keeps at most this many units per layer, whatever max_drop allows; 0: no cap
     plan_tasks: int = 0  # the network is planned for this many tasks in all: each keeps an equal share of the FREE
     # units, FREE // (plan_tasks - tasks learned) per layer, whatever max_drop allows (`planned_units`); 0: off
+    candidate_pool: float = 0.0  # under a plan: a task chooses its share from at least this many times as many
+    # candidate units per layer; where FREE holds fewer (the last tasks), it trains in temporary units beyond the
+    # layer's width, and the units it keeps there move into FREE ones (`learn_in_pool`); 0: off, FREE alone
     prune_rank: str = "layer"  # iterative: a step cuts its share of each layer ("layer") or of all layers ranked
     # together by score ("global"); RANKS
     recovery_epochs: float = 2.0  # iterative: at most this many epochs of retraining after each step
@@ -176,6 +186,9 @@ class CLNPConfig:
         if self.plan_tasks and (self.min_units or self.max_units):
             raise ConfigError("plan_tasks sets how many units each task keeps; it cannot go with min_units or "
                               "max_units (drop --min-units and --max-units, or --plan-tasks)")
+        if self.candidate_pool and self.candidate_pool <= 1:
+            raise ConfigError(f"candidate_pool {self.candidate_pool} must be 0 (off) or above 1 (candidates per unit "
+                              "a task keeps)")
         if not 0 < self.prune_fraction < 1 or not 0 < self.min_prune_fraction <= self.prune_fraction:
             raise ConfigError("prune fractions must satisfy 0 < min_prune_fraction <= prune_fraction < 1")
 
@@ -260,6 +273,9 @@ class TaskOutcome:
     # layer -> units pruning within max_drop would have kept, where config.max_units cut the layer to its cap;
     # empty when the cap did not bind
     capped: dict[str, int] = field(default_factory=dict)
+    # layer -> candidate units the task chose from in a candidate pool (config.candidate_pool; FREE units and
+    # temporary ones); empty when it chose from the FREE units alone
+    pool: dict[str, int] = field(default_factory=dict)
 
 
 def new_owners(net: MaskedNetwork) -> list[torch.Tensor]:
@@ -320,6 +336,7 @@ class DenseTask:
     teacher_validation: float | None = None  # config.teacher == "full": that teacher's validation accuracy
     epoch_seconds: list[float] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # "teacher", "train" -> wall s
+    keep_units: list[int] | None = None  # units per layer pruning keeps, set by the caller (learn_dense)
 
 
 @dataclass
@@ -339,22 +356,81 @@ class PrunedTask:
 
 def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
                show_progress: bool = False,
-               on_phase: Callable[[str, list[torch.Tensor]], None] | None = None) -> tuple[list[torch.Tensor], TaskOutcome]:
+               on_phase: Callable[[str, MaskedNetwork, list[torch.Tensor]], None] | None = None,
+               ) -> tuple[list[torch.Tensor], TaskOutcome]:
     """Learn task `task` (its head already added to `net`) into the FREE units; returns new owners.
 
     `data` has x_train, y_train, x_val, y_val as tensors (raw features, int64 labels). `net` is changed
     in place; earlier tasks' units, heads and preprocessing are never written.
-    on_phase(name, masks), if given, is called at the end of each phase ("train", "prune", "fine-tune", "reuse")
-    with the task's masks as the network then stands, for reports (a benchmark's held-out accuracy per phase);
-    nothing it does feeds back into learning.
+    on_phase(name, network, masks), if given, is called at the end of each phase ("train", "prune", "fine-tune",
+    "reuse") with the network being trained (`net`, or its wide copy in a candidate pool) and the task's masks in
+    it, for reports (a benchmark's held-out accuracy per phase); nothing it does feeds back into learning.
     Raises CapacityExhaustedError if a layer has no FREE unit (before anything changes).
     """
+    check_capacity(net, owners)
+    extra = pool_extra(owners, task, config)
+    if any(extra):
+        return learn_in_pool(net, owners, task, data, config, extra, show_progress, on_phase)
+    return _learn(net, owners, task, data, config, show_progress, on_phase)
+
+
+def pool_extra(owners: list[torch.Tensor], task: int, config: CLNPConfig) -> list[int]:
+    """Temporary units per hidden layer task `task` trains in beyond the layer's width (config.candidate_pool):
+    enough that its candidates are candidate_pool x its plan share; zeros where FREE holds that many."""
+    if config.candidate_pool and not config.plan_tasks:
+        raise ConfigError(f"candidate_pool {config.candidate_pool} sizes a task's candidates from its plan share, "
+                          "and there is no plan: add --plan-tasks, or leave the candidate pool out")
+    share = planned_units(owners, task, config.plan_tasks)
+    if share is None:
+        return [0] * len(owners)
+    return [max(0, math.ceil(config.candidate_pool * s) - int((o == FREE).sum())) for s, o in zip(share, owners)]
+
+
+def learn_in_pool(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
+                  extra: list[int], show_progress: bool = False,
+                  on_phase: Callable[[str, MaskedNetwork, list[torch.Tensor]], None] | None = None,
+                  ) -> tuple[list[torch.Tensor], TaskOutcome]:
+    """learn_task in a wider copy of `net` (`extra[i]` temporary FREE units beyond layer i), keeping the plan's
+    share as computed on `net`; the kept units then move into `net`'s FREE units (trainer.compact.move_into).
+    Earlier tasks' units and heads in `net` are never written; in the copy, the new units' connections start at
+    zero into earlier units and heads and stay there (they are FREE), so earlier tasks compute there what they
+    compute in `net`. The task's head reads the new units through fresh weights drawn as add_head draws them."""
+    share = planned_units(owners, task, config.plan_tasks)
+    wide, wide_owners = widen(net, owners, extra)
+    with torch.no_grad():
+        head = net.head_weights[task]
+        bound = 1.0 / math.sqrt(net.feature_dim)  # the draw add_head made for the head's other columns
+        fresh = torch.empty(wide.head_weights[task].shape).uniform_(
+            -bound, bound, generator=torch.Generator().manual_seed(config.seed + 3))
+        view = wide.head_weights[task].view(head.shape[0], wide.spec.layers[-1].units, -1)
+        view[:, net.spec.layers[-1].units:] = fresh.view_as(view)[:, net.spec.layers[-1].units:].to(head.device)
+    # the last phase is reported once the task is in `net`: what it then answers is what is published
+    phases = (lambda name, network, masks: name != "reuse" and on_phase(name, network, masks)) if on_phase else None
+    wide_new, outcome = _learn(wide, wide_owners, task, data, config, show_progress, phases, keep=share)
+    new = move_into(wide, wide_new, net, owners, task)
+    zero_free_connections(net, new, task)
+    names = net.spec.layer_names
+    masks = task_masks(new, task)
+    outcome.units_pruned = {n: int((o == FREE).sum()) - k for n, o, k in zip(names, owners, share)}
+    outcome.validation_accuracy = outcome.phase_validation["reuse"] = accuracy(net, data.x_val, data.y_val, task,
+                                                                              masks)
+    outcome.pool = {n: int((o == FREE).sum()) + e for n, o, e in zip(names, owners, extra)}
+    if on_phase:
+        on_phase("reuse", net, masks)
+    return [o.cpu() for o in new], outcome
+
+
+def _learn(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
+           show_progress: bool = False,
+           on_phase: Callable[[str, MaskedNetwork, list[torch.Tensor]], None] | None = None,
+           keep: list[int] | None = None) -> tuple[list[torch.Tensor], TaskOutcome]:
+    """learn_task's steps on `net` as it is; `keep` (units per layer) replaces the plan's share."""
     t0 = time.perf_counter()
     names = net.spec.layer_names
-    report = on_phase or (lambda name, masks: None)
-    dense = learn_dense(net, owners, task, data, config, show_progress)  # steps 1 and 2
+    report = (lambda name, masks: on_phase(name, net, masks)) if on_phase else (lambda name, masks: None)
+    dense = learn_dense(net, owners, task, data, config, show_progress, keep_units=keep)  # steps 1 and 2
     report("train", dense.masks)
-    pruned = prune_and_finetune(net, dense, data, config, report)  # steps 3 and 4
+    pruned = prune_and_finetune(net, dense, data, config, on_phase)  # steps 3 and 4
     owners, pruned_acc = pruned.owners, pruned.validation
     phases = {**dense.phase_seconds, **pruned.phase_seconds}
     phase_acc = {"train": dense.validation, "prune": pruned.pruned_validation, "fine-tune": pruned_acc}
@@ -397,9 +473,11 @@ def learn_task(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, 
 
 
 def learn_dense(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data, config: CLNPConfig,
-                show_progress: bool = False) -> DenseTask:
+                show_progress: bool = False, keep_units: list[int] | None = None) -> DenseTask:
     """learn_task's steps 1 and 2: fresh FREE units, then the task learned in them (every unit visible; isolated,
     every FREE unit). `net` is changed in place (FREE units and head `task` only); `owners` is not.
+    `keep_units`: the units per layer pruning keeps, where the caller sets them instead of the plan (a candidate
+    pool's wide copy, whose FREE count is not the network's); None: the plan's share, or max_drop.
     Raises CapacityExhaustedError if a layer has no FREE unit (before anything changes)."""
     check_capacity(net, owners)
     planned_units(owners, task, config.plan_tasks)  # a plan with no share left fails here, before training
@@ -429,18 +507,19 @@ def learn_dense(net: MaskedNetwork, owners: list[torch.Tensor], task: int, data,
     dense_acc = accuracy(net, data.x_val, data.y_val, task, dense_masks)
     if teacher is None and config.distill > 0:
         teacher = tr.logits(data.x_train, dense_masks)
-    return DenseTask(task, owners, tr, dense_masks, dense_acc, teacher, teacher_acc, epoch_seconds, phases)
+    return DenseTask(task, owners, tr, dense_masks, dense_acc, teacher, teacher_acc, epoch_seconds, phases,
+                     keep_units)
 
 
 def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPConfig,
-                       on_phase: Callable[[str, list[torch.Tensor]], None] | None = None) -> PrunedTask:
+                       on_phase: Callable[[str, MaskedNetwork, list[torch.Tensor]], None] | None = None) -> PrunedTask:
     """learn_task's steps 3 and 4 on a task `learn_dense` learned: prune with graceful forgetting, give the kept
     units to the task, zero what the pruned units connected, and fine-tune (kept by `config.finetune_keep`).
     `net` is changed in place; `dense` is not, apart from its trainer's generator, so a probe can restore the
     network and the generator state and prune the same dense network again with other settings.
     on_phase is called as learn_task's ("prune", "fine-tune")."""
     task, tr, dense_acc, teacher = dense.task, dense.trainer, dense.validation, dense.teacher
-    report = on_phase or (lambda name, masks: None)
+    report = (lambda name, masks: on_phase(name, net, masks)) if on_phase else (lambda name, masks: None)
     names = net.spec.layer_names
     owners = [o.clone() for o in dense.owners]
     t_phase = time.perf_counter()
@@ -455,7 +534,7 @@ def prune_and_finetune(net: MaskedNetwork, dense: DenseTask, data, config: CLNPC
         candidates=free, earlier=earlier, score_samples=config.activity_samples, recovery=config.recovery_plan(),
         teacher=teacher, x_val=data.x_val, y_val=data.y_val,
     )
-    plan = planned_units(owners, task, config.plan_tasks)  # a plan sets the floor and the cap alike
+    plan = dense.keep_units or planned_units(owners, task, config.plan_tasks)  # a plan sets floor and cap alike
     schedule = schedule_for(config.schedule, config.prune_fraction, config.min_prune_fraction, config.max_prune_steps,
                             plan or config.min_units, config.prune_rank, plan or config.max_units)
     result = schedule(ctx, SCORES[config.score], dense_acc, config.max_drop)

@@ -31,7 +31,7 @@ from serving.repository import (
 from serving.objectstore import ObjectStoreRepository, create_repository, is_remote, open_repository
 from trainer import distributed
 from trainer.clnp import (CLNPConfig, ConfigError, TaskOutcome, accuracy, check_capacity, learn_task, new_owners,
-                          planned_units, task_masks)
+                          pool_extra, task_masks)
 from trainer.data import TaskData, load_source
 from serving.contract import INPUT_NAME, OUTPUT_NAME, TASK_INPUT_NAME
 from trainer.export import OPSET, check_parity, export_onnx, export_task_graph
@@ -186,7 +186,7 @@ def add_task(
         net, owners = load_network(repo, previous)
         old_tensors = {k: v.clone() for k, v in net.state_tensors().items()}
     check_capacity(net, owners)  # fail fast, before loading data
-    planned_units(owners, net.num_tasks, config.plan_tasks)  # and a plan with no share left
+    pool_extra(owners, net.num_tasks, config)  # and a plan with no share left, or a candidate pool without a plan
 
     t0 = time.perf_counter()
     data = load_source(source, data_dir=data_dir, limit=limit, seed=config.seed, label_column=label_column)
