@@ -206,6 +206,20 @@ def _fit_runs(pairs: list[dict]) -> list[dict]:
     return [p for p in pairs if p["network"] == TARGET["network"] and not p["limit"] and not p.get("prune_connections")]
 
 
+def _fit_tasks(runs: list[dict]) -> list[dict]:
+    """The paired tasks of `runs`, a task two runs share counted once: a fork's tasks before the fork, or a task
+    taken from another run, were learned bit for bit alike and are one observation (the same seed, place, units
+    and differences)."""
+    rows, seen = [], set()
+    for p in runs:
+        for t in p.get("per_task", []):
+            key = (p.get("seed"), t["index"], t["units"], t["difference"], t["validation_difference"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(t)
+    return rows
+
+
 FIT_PLACE = 4.5  # where `units_fit` reads its line: a task in the middle of a 10-task run (places 0..9)
 
 
@@ -224,7 +238,7 @@ def units_fit(pairs: list[dict]) -> dict | None:
     the hidden layers). Coefficients with their standard errors; None under 10 tasks. The test fit is reported only;
     the validation fit is the one a setting may be chosen on."""
     runs = _fit_runs(pairs)
-    rows = [t for p in runs for t in p.get("per_task", [])]
+    rows = _fit_tasks(runs)
     if len(rows) < 10:
         return None
     import numpy as np
@@ -424,7 +438,8 @@ def markdown(res: dict, plots: list[str]) -> str:
             L += ["", "### Accuracy follows the units a task keeps", "",
                   f"Every paired task of the {fit['runs']} runs on {TARGET['network']} with all training data and "
                   "without connection pruning "
-                  f"({fit['tasks']} tasks): a least-squares fit of its difference to the reference on its place in the "
+                  f"({fit['tasks']} tasks; a task two runs share, such as a fork's tasks before the fork, once): a "
+                  "least-squares fit of its difference to the reference on its place in the "
                   "sequence and log2 of the units it kept (mean over the hidden layers); coefficients ± standard "
                   "error. The last columns are the fit's difference for a task of the middle of a 10-task run "
                   "keeping that many units. Test is recorded only; validation is what a setting may be chosen on.", "",
@@ -569,7 +584,7 @@ def tradeoff_plot(pairs: list[dict], out: Path, min_tasks: int = 7, all_data_onl
 def units_plot(pairs: list[dict], fit: dict | None, out: Path) -> list[str]:
     """Each paired task's test difference to the reference against the units it kept (log scale), coloured by its
     place in the sequence, with `units_fit`'s line for a task in the middle of a 10-task run."""
-    rows = [t for p in _fit_runs(pairs) for t in p.get("per_task", [])]
+    rows = _fit_tasks(_fit_runs(pairs))
     if fit is None or not rows:
         return []
     import matplotlib

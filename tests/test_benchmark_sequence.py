@@ -212,19 +212,25 @@ def test_units_fit_recovers_a_known_slope_and_leaves_out_what_it_should(tmp_path
             units = float(rng.uniform(60, 400))
             d = -0.9 - 0.01 * i + slope * np.log2(units) + rng.normal(0, 0.01)
             tasks.append({"index": i, "units": units, "difference": d, "validation_difference": d + 0.02})
-        return {"network": network, "limit": limit, "prune_connections": prune_connections, "per_task": tasks}
+        return {"seed": seed, "network": network, "limit": limit, "prune_connections": prune_connections,
+                "per_task": tasks}
 
     pairs = [pair(s) for s in range(3)] + [pair(9, prune_connections=True, slope=1.0), pair(9, limit=5000, slope=1.0),
                                            pair(9, network="mlp:784-100-100", slope=1.0)]
+    # a fork of seed 0's run after its task 9: its tasks 1-9 are the original's, counted once; its task 10 is new
+    last = dict(pairs[0]["per_task"][9], units=300.0)
+    last["difference"] = -0.9 - 0.09 + 0.08 * np.log2(300.0)
+    last["validation_difference"] = last["difference"] + 0.02
+    pairs.append(dict(pairs[0], per_task=pairs[0]["per_task"][:9] + [last]))
     fit = units_fit(pairs)
-    assert fit["runs"] == 3 and fit["tasks"] == 30  # the three others are left out (their slope would show)
+    assert fit["runs"] == 4 and fit["tasks"] == 31  # the three others are left out (their slope would show)
     test, val = fit["difference"], fit["validation_difference"]
     assert test["per_doubling"] == pytest.approx(0.08, abs=0.01) and test["per_doubling_se"] < 0.01
     assert test["per_task_later"] == pytest.approx(-0.01, abs=0.004)
     assert val["intercept"] == pytest.approx(test["intercept"] + 0.02, abs=1e-9)
     assert test["at_units"]["200"] == pytest.approx(test["intercept"] + 4.5 * test["per_task_later"]
                                                    + test["per_doubling"] * np.log2(200))
-    assert units_fit(pairs[3:]) is None  # nothing left to fit
+    assert units_fit(pairs[3:6]) is None  # nothing left to fit
     assert units_plot(pairs, fit, tmp_path) == ["sequence_units.png"]
     assert (tmp_path / "sequence_units.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
