@@ -7,6 +7,11 @@ that pruned state with the dense network's logits, then fine-tunes copies of it 
 validation and test accuracy. The test set is only reported, never used to choose.
 
     python benchmarks/finetune_probe.py --cache /tmp/ftprobe --variant default --variant long-hard
+    python benchmarks/finetune_probe.py --cache runs/probes/ft-plan10-s0 --set max_drop=0.4 plan_tasks=10 \
+        precision=bf16 --variant base:seed=1 --variant d02:distill=0.2,seed=1
+
+`--set KEY=VALUE ...` applies CLNPConfig settings to the dense phase, pruning and every variant (as
+benchmarks/sequence.py's --set; the cache records them and refuses a different set).
 
 A variant is `NAME` from VARIANTS or `NAME:epochs=60,distill=0.9,temperature=4,lr=0.001,dropout=0.2,seed=1`
 (seed: the fine-tuning's data order and dropout; also average=0.998 for a moving average of the weights and
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from benchmarks.sequence import parse_settings  # noqa: E402
 from benchmarks.tasks import load_task  # noqa: E402
 from trainer.clnp import learn_dense, new_owners, preset, prune_and_finetune, task_masks  # noqa: E402
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
@@ -59,16 +65,20 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, out
 
 
-def pruned_state(cache: Path, preset_name: str, network: str, data_dir, seed: int, max_drop: float | None = None):
+def pruned_state(cache: Path, preset_name: str, network: str, data_dir, seed: int, settings: dict):
     spec = parse_network_spec(network)
     task = load_task("permuted-mnist:1", spec, data_dir, None, seed, "cpu")
-    cfg = preset(preset_name, seed=seed, **({} if max_drop is None else {"max_drop": max_drop}))
+    cfg = preset(preset_name, seed=seed, **settings)
     torch.manual_seed(cfg.seed)
     net = MaskedNetwork(spec)
     owners = new_owners(net)
     net.add_head(task.num_classes, task.scale, task.shift, generator=torch.Generator().manual_seed(cfg.seed + 1))
     f = cache / "pruned.safetensors"
     if f.exists():
+        recorded = json.loads((cache / "pruned.json").read_text()).get("settings")
+        if recorded is not None and recorded != settings:
+            raise SystemExit(f"error: {cache} holds a task pruned with --set {recorded}, not {settings}; use another "
+                             "--cache or the same --set")
         saved = load_file(f)
         restore(net, {k[4:]: v for k, v in saved.items() if k.startswith("net.")})
         owners = [saved[f"owners.{i}"] for i in range(len(owners))]
@@ -80,7 +90,7 @@ def pruned_state(cache: Path, preset_name: str, network: str, data_dir, seed: in
     # steps 3 and 4 without the fine-tuning, which the variants do
     result = prune_and_finetune(net, dense, task, replace(cfg, finetune_epochs=0))
     owners, teacher = result.owners, dense.teacher
-    meta = {"dense_validation": dense_val, "dense_test": dense_test, "units": [int((o == 0).sum()) for o in owners],
+    meta = {"settings": settings, "dense_validation": dense_val, "dense_test": dense_test, "units": [int((o == 0).sum()) for o in owners],
             "max_drop": cfg.max_drop, "prune_steps": result.prune_steps, "seconds": round(time.perf_counter() - t0, 1)}
     cache.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v.contiguous() for k, v in net.state_tensors().items()}
@@ -97,14 +107,19 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="default")
     p.add_argument("--network", default="mlp:784-2000-2000")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-drop", type=float, help="the pruning bound (default: the preset's)")
+    p.add_argument("--max-drop", type=float, help="the pruning bound (default: the preset's; as --set max_drop=)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="CLNPConfig settings for the dense phase, pruning and fine-tuning")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=os.environ.get("CLNP_DATA_DIR"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in args.variant or ["default"]]
+    settings = parse_settings(args.set)
+    if args.max_drop is not None:
+        settings["max_drop"] = args.max_drop
     cfg, task, net, owners, teacher, meta = pruned_state(args.cache, args.preset, args.network, args.data_dir, args.seed,
-                                                           args.max_drop)
+                                                           settings)
     masks = task_masks(owners, 0)
     base = copy.deepcopy(net.state_tensors())
     pruned_val = accuracy(net, task.x_val, task.y_val, 0, masks)

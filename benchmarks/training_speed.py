@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""How much a training step saves by computing earlier tasks' rows outside autograd, and by bfloat16.
+"""How much a training step saves by computing earlier tasks' rows outside autograd, by bfloat16, and by cheaper dropout draws.
 
 Builds `mlp:784-2000-2000` with a share of each layer owned by an earlier task (the rest FREE, as when a later
 task is learned), and times training steps (forward, cross-entropy, backward; batch 256, dropout masks) of
 the task's FREE units three ways, interleaved in the same run: the plain masked forward (`MaskedNetwork.hidden`),
 the one `TaskTrainer.run_epochs` uses (`trainer.training.split_hidden` from 30% owned), and that one under
-bfloat16 autocast (`precision="bf16"`).
+bfloat16 autocast (`precision="bf16"`). Those three reuse one set of dropout masks; two more bfloat16 ways draw
+each step's masks inside the timed step, as `run_epochs` does: with `trainer.training.dropout_masks` (uniform
+numbers against the keep probability) and with `torch.bernoulli` of a filled tensor (the draws before 2026-12-07).
 
     python benchmarks/training_speed.py --owned 0.5 --steps 30
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from serving.contract import FREE  # noqa: E402
 from trainer.clnp import new_owners  # noqa: E402
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
-from trainer.training import TaskTrainer, frozen_split, split_hidden, step_precision  # noqa: E402
+from trainer.training import TaskTrainer, dropout_masks, frozen_split, split_hidden, step_precision  # noqa: E402
 
 
 def measure(owned: float, steps: int, network: str, batch: int) -> dict:
@@ -50,28 +52,39 @@ def measure(owned: float, steps: int, network: str, batch: int) -> dict:
     split = frozen_split(net, 1, params, grad_masks)
     x = torch.rand(batch, *shape) * 255
     y = torch.randint(0, 10, (batch,))
-    masks = [torch.bernoulli(torch.full((batch, len(o)), 0.8)) / 0.8 for o in owners]
+    keep = 0.8
+    masks = [torch.bernoulli(torch.full((batch, len(o)), keep)) / keep for o in owners]
+    ones = [torch.ones(len(o)) for o in owners]
+    generator = torch.Generator().manual_seed(0)
 
-    def step(hidden, precision) -> float:
+    def bernoulli_masks():  # run_epochs' draws before 2026-12-07
+        return [m * torch.bernoulli(torch.full((batch, len(m)), keep), generator=generator) / keep for m in ones]
+
+    def step(hidden, precision, draw=None) -> float:
         t0 = time.perf_counter()
         for p in params:
             p.grad = None
+        step_masks = masks if draw is None else draw()
         with step_precision(x.device, precision):
-            acts = hidden(net.preprocess(x, 1), masks)
+            acts = hidden(net.preprocess(x, 1), step_masks)
             loss = F.cross_entropy(net.features(acts) @ net.head_weights[1].T + net.head_biases[1], y)
         loss.backward()
         return time.perf_counter() - t0
 
     used = (lambda h, m: split_hidden(net, h, m, split)) if split else net.hidden  # what run_epochs uses
-    ways = {"plain": (net.hidden, "fp32"), "split": (used, "fp32"), "bf16": (used, "bf16")}
+    ways = {"plain": (net.hidden, "fp32", None), "split": (used, "fp32", None), "bf16": (used, "bf16", None),
+            "draws": (used, "bf16", lambda: dropout_masks(ones, net.spec.layers, batch, keep, generator)),
+            "bernoulli_draws": (used, "bf16", bernoulli_masks)}
     times = {k: [] for k in ways}
     for _ in range(steps):
-        for k, (hidden, precision) in ways.items():
-            times[k].append(step(hidden, precision))
-    plain, fast, bf16 = (statistics.median(times[k]) for k in ("plain", "split", "bf16"))
+        for k, (hidden, precision, draw) in ways.items():
+            times[k].append(step(hidden, precision, draw))
+    plain, fast, bf16, draws, bernoulli = (statistics.median(times[k]) for k in ways)
     return {"network": network, "owned_share": owned, "batch": batch, "steps": steps,
             "plain_s_per_step": round(plain, 4), "split_s_per_step": round(fast, 4), "speedup": round(plain / fast, 2),
             "bf16_s_per_step": round(bf16, 4), "bf16_speedup": round(fast / bf16, 2),
+            "bf16_with_draws_s_per_step": round(draws, 4), "bf16_with_bernoulli_draws_s_per_step": round(bernoulli, 4),
+            "draws_speedup": round(bernoulli / draws, 2),
             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
 
 

@@ -22,7 +22,7 @@ from trainer.compact import compact_task, move_into, widen, write_back
 from trainer.network import MaskedNetwork, parse_network_spec
 from trainer.pipeline import add_task, fit_to_network, load_network
 from trainer.pruning import SCHEDULES, SCORES, _cut, _cut_global
-from trainer.training import EpochPlan, TaskTrainer
+from trainer.training import EpochPlan, TaskTrainer, dropout_masks
 
 NETWORK = "mlp:784-64-64"
 FAST = dict(epochs=2, batch_size=64, learning_rate=0.002, recovery_epochs=2.0, max_prune_steps=6, max_drop=1.0)
@@ -209,7 +209,7 @@ def test_unknown_method_names_are_refused():
 @pytest.mark.parametrize("spec", ["mlp:20-12-10", "cnn:1x8x8-c4-d6"])
 def test_bf16_steps_compute_in_bfloat16_and_hold_earlier_rows(spec):
     """precision=bf16 changes the arithmetic of the steps (not the parameters' dtype) and moves only FREE rows."""
-    from trainer.training import EpochPlan, TaskTrainer
+    from trainer.training import EpochPlan, TaskTrainer, dropout_masks
 
     torch.manual_seed(0)
     base = MaskedNetwork(parse_network_spec(spec))
@@ -311,6 +311,26 @@ def test_still_rows_fed_by_moving_units_take_the_plain_pass():
     conv.add_head(2, torch.ones(1, 8, 8), torch.zeros(1, 8, 8))
     params, masks = TaskTrainer(conv, new_owners(conv), 0, 0, 4).free_unit_parameters()
     assert frozen_split(conv, 0, params, masks) is None
+
+
+def test_dropout_masks_keep_each_dense_unit_with_the_keep_probability_scaled_and_leave_conv_masks_alone():
+    net = MaskedNetwork(parse_network_spec("cnn:1x8x8-c4-d300"))
+    masks = [torch.ones(4), torch.ones(300)]
+    masks[1][:100] = 0  # units the task does not see stay dropped in every row
+    keep = 0.8
+    drawn = dropout_masks(masks, net.spec.layers, 200, keep, torch.Generator().manual_seed(3))
+    assert drawn[0] is masks[0]  # conv: whole filters are never dropped
+    dense = drawn[1]
+    assert dense.shape == (200, 300) and dense.dtype == masks[1].dtype
+    assert torch.all(dense[:, :100] == 0)
+    seen = dense[:, 100:]
+    assert set(seen.unique().tolist()) == {0.0, 1.0 / keep}  # inverted dropout: kept entries scaled by 1/keep
+    kept = (seen > 0).double().mean().item()  # 40,000 draws: the standard error is 0.002
+    assert abs(kept - keep) < 0.01
+    assert abs(seen.double().mean().item() - 1.0) < 0.0125  # the expected activation is unchanged
+    again = dropout_masks(masks, net.spec.layers, 200, keep, torch.Generator().manual_seed(3))[1]
+    other = dropout_masks(masks, net.spec.layers, 200, keep, torch.Generator().manual_seed(4))[1]
+    assert torch.equal(dense, again) and not torch.equal(dense, other)  # the trainer's generator decides the draws
 
 
 def test_reuse_by_signal_counts_the_earlier_units_that_carry_the_signal_and_changes_nothing():

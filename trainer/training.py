@@ -82,6 +82,19 @@ def mean_activations(net: MaskedNetwork, x: torch.Tensor, task: int, masks: list
     return [v / max(1, len(x)) for v in sums]
 
 
+def dropout_masks(masks: list[torch.Tensor], layers, rows: int, keep: float,
+                  generator: torch.Generator) -> list[torch.Tensor]:
+    """One training step's masks with (inverted) dropout: each dense layer's (units,) mask becomes (rows, units),
+    every entry kept with probability `keep` and scaled by 1/keep; conv layers' masks are returned as they are
+    (dropping whole filters hurts small conv layers).
+
+    The draws compare uniform numbers with `keep`, the same Bernoulli(keep) as torch.bernoulli of a filled tensor
+    at about a quarter of its cost on CPU, where a 2,000-unit layer's draws were a fifth of a late task's step
+    (benchmarks/results/training_speed.md)."""
+    return [(torch.rand((rows, len(m)), generator=generator) < keep).to(m.device, m.dtype) * (m / keep)
+            if layer.kind == "dense" else m for m, layer in zip(masks, layers)]  # (B, units)
+
+
 class TaskTrainer:
     """Trains task `task` of `net`; holds the seeded generator that orders the data and draws dropout.
 
@@ -210,10 +223,8 @@ class TaskTrainer:
             idx = order[within * batch_size:(within + 1) * batch_size]
             xb, yb = x[idx], y[idx]
             step_masks = masks
-            if plan.dropout > 0:  # dense layers only: dropping whole conv filters hurts small conv layers
-                step_masks = [m * torch.bernoulli(torch.full((len(idx), len(m)), keep), generator=self.dropout_generator)
-                              .to(m.device) / keep if layer.kind == "dense" else m
-                              for m, layer in zip(masks, net.spec.layers)]  # (B, units)
+            if plan.dropout > 0:
+                step_masks = dropout_masks(masks, net.spec.layers, len(idx), keep, self.dropout_generator)
             with step_precision(x.device, plan.precision):
                 acts, logits = forward(xb, step_masks)
                 loss = F.cross_entropy(logits, yb)
