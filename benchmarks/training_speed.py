@@ -7,7 +7,8 @@ the task's FREE units three ways, interleaved in the same run: the plain masked 
 the one `TaskTrainer.run_epochs` uses (`trainer.training.split_hidden` from 30% owned), and that one under
 bfloat16 autocast (`precision="bf16"`). Those three reuse one set of dropout masks; two more bfloat16 ways draw
 each step's masks inside the timed step, as `run_epochs` does: with `trainer.training.dropout_masks` (uniform
-numbers against the keep probability) and with `torch.bernoulli` of a filled tensor (the draws before 2026-12-07).
+numbers against the keep probability) and with `torch.bernoulli` of a filled tensor (the draws before 2026-12-07);
+the two draws are also timed alone.
 
     python benchmarks/training_speed.py --owned 0.5 --steps 30
 
@@ -81,11 +82,21 @@ def measure(owned: float, steps: int, network: str, batch: int) -> dict:
         for k in names[n % len(names):] + names[:n % len(names)]:  # each way takes every place in the order in turn
             times[k].append(step(*ways[k]))
     plain, fast, bf16, draws, bernoulli = (statistics.median(times[k]) for k in ways)
+    draw_only = {"draws": lambda: dropout_masks(ones, net.spec.layers, batch, keep, generator),
+                 "bernoulli_draws": bernoulli_masks}  # the masks alone, without the step
+    draw_times = {k: [] for k in draw_only}
+    for n in range(steps):
+        for k in (("draws", "bernoulli_draws") if n % 2 == 0 else ("bernoulli_draws", "draws")):
+            t0 = time.perf_counter()
+            draw_only[k]()
+            draw_times[k].append(time.perf_counter() - t0)
     return {"network": network, "owned_share": owned, "batch": batch, "steps": steps,
             "plain_s_per_step": round(plain, 4), "split_s_per_step": round(fast, 4), "speedup": round(plain / fast, 2),
             "bf16_s_per_step": round(bf16, 4), "bf16_speedup": round(fast / bf16, 2),
             "bf16_with_draws_s_per_step": round(draws, 4), "bf16_with_bernoulli_draws_s_per_step": round(bernoulli, 4),
             "draws_speedup": round(bernoulli / draws, 2),
+            "draws_alone_ms": round(1000 * statistics.median(draw_times["draws"]), 2),
+            "bernoulli_draws_alone_ms": round(1000 * statistics.median(draw_times["bernoulli_draws"]), 2),
             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
 
 
