@@ -26,7 +26,6 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.sequence import load_state, parse_settings, save_state  # noqa: E402
 from serving.contract import FREE  # noqa: E402
-from trainer.clnp import CLNPConfig, ConfigError  # noqa: E402
+from trainer.clnp import CLNPConfig, ConfigError, recorded_settings  # noqa: E402
 from trainer.network import MaskedNetwork  # noqa: E402
 
 
@@ -54,7 +53,7 @@ def fork(src: Path, dst: Path, overrides: dict, at: int | None = None) -> dict:
         config = CLNPConfig(**{**old, **overrides})  # validated as any setting is
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
-    record.config = asdict(config)
+    record.config = recorded_settings(config)
     changed = {k: v for k, v in record.config.items() if old.get(k) != v}
     record.notes.append(f"forked from {src.name} after task {len(record.tasks)}: later tasks use {changed}; "
                         f"tasks 1-{len(record.tasks)} were learned with the original settings")

@@ -46,8 +46,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from serving.capacity import forecast_additional_tasks  # noqa: E402
 from serving.contract import FREE  # noqa: E402
 from trainer.clnp import (PRESETS, SETTINGS_BEFORE_THEY_EXISTED, CapacityExhaustedError, CLNPConfig, accuracy,  # noqa: E402
-                          check_capacity, learn_task, new_owners, preset, reuse_by_signal, reuse_counts, task_masks,
-                          train_alone)
+                          check_capacity, learn_task, new_owners, preset, recorded_settings, reuse_by_signal,
+                          reuse_counts, task_masks, train_alone)
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
 from benchmarks.tasks import Task, load_task  # noqa: E402
 
@@ -96,7 +96,7 @@ class RunRecord:
     schema_version: int
     method: str  # "clnp" or "single"
     preset: str
-    config: dict  # asdict(CLNPConfig)
+    config: dict  # trainer.clnp.recorded_settings(CLNPConfig)
     network: str
     tasks_planned: int
     seed: int
@@ -199,8 +199,8 @@ def run(args) -> RunRecord:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     config = preset(args.preset, seed=args.seed, **parse_settings(args.set or []))
-    fresh = RunRecord(SCHEMA_VERSION, args.method, args.preset, asdict(config), args.network, args.tasks, args.seed,
-                      args.limit, machine(args.device))
+    fresh = RunRecord(SCHEMA_VERSION, args.method, args.preset, recorded_settings(config), args.network, args.tasks,
+                      args.seed, args.limit, machine(args.device))
     net, owners, probes = None, None, {}
     if (out / "run.json").exists():
         if args.method == "clnp":

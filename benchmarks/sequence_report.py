@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from benchmarks.sequence import RunRecord
@@ -50,10 +50,14 @@ DENSE_FIELDS = ("epochs", "learning_rate", "lr_schedule", "lr_decay", "batch_siz
 def _label(r: RunRecord, with_seed: bool) -> str:
     """Method, the preset that names the run's settings most briefly as the presets are now (the one it ran with on
     a tie), and every setting that differs from that preset."""
-    from trainer.clnp import PRESETS
+    from trainer.clnp import PRESETS, recorded_settings
 
     def diff(name: str) -> list[str]:
-        base = asdict(PRESETS[name])
+        # the preset as a run of it with this run's plan would record it (a default that follows the plan counts as
+        # the preset's), with the preset's own plan
+        chosen = PRESETS[name]
+        base = recorded_settings(replace(chosen, plan_tasks=r.config.get("plan_tasks", 0))) | {
+            "plan_tasks": chosen.plan_tasks}
         return [f"{k}={v}" for k, v in r.config.items() if k != "seed" and base.get(k) != v
                 and (r.method == "clnp" or k in DENSE_FIELDS)]
 

@@ -18,6 +18,7 @@ spec = importlib.util.spec_from_file_location("benchmarks.sequence", REPO_ROOT /
 seq = importlib.util.module_from_spec(spec)
 sys.modules["benchmarks.sequence"] = seq
 spec.loader.exec_module(seq)
+recorded_settings = seq.recorded_settings
 
 TINY = ["--network", "mlp:784-48-48", "--limit", "800", "--preset", "fast", "--set", "epochs=2", "batch_size=64"]
 
@@ -87,10 +88,38 @@ def test_runs_are_named_by_the_nearest_preset():
     def record(preset, config):
         return seq.RunRecord(seq.SCHEMA_VERSION, "clnp", preset, config, "mlp:784-2000-2000", 10, 0, None, {})
 
-    balanced = seq.asdict(PRESETS["balanced"])
+    balanced = recorded_settings(PRESETS["balanced"])
     assert _label(record("default", balanced), False) == "clnp balanced 10 tasks"
     assert _label(record("default", balanced | {"max_drop": 0.8}), True) == "clnp balanced max_drop=0.8 10 tasks seed 0"
-    assert _label(record("fast", seq.asdict(PRESETS["default"])), False) == "clnp default 10 tasks"
+    assert _label(record("fast", recorded_settings(PRESETS["default"])), False) == "clnp default 10 tasks"
+
+
+def test_a_plan_s_default_candidate_pool_is_recorded_and_named_as_the_pool_it_is():
+    """Under a plan the candidate pool defaults to 2: a run of it records 2.0 and reads as a run that asked for 2;
+    a record made before the pool existed (no key) ran without one, and says so where it planned."""
+    from benchmarks.sequence_report import _label
+    from trainer.clnp import DEFAULT_CANDIDATE_POOL, preset
+
+    def label(config: dict) -> str:
+        return _label(seq.RunRecord(seq.SCHEMA_VERSION, "clnp", "default", config, "mlp:784-2000-2000", 10, 0, None,
+                                    {}), False)
+
+    planned = recorded_settings(preset("default", plan_tasks=10))
+    assert planned["candidate_pool"] == DEFAULT_CANDIDATE_POOL == 2.0
+    assert planned == recorded_settings(preset("default", plan_tasks=10, candidate_pool=2))
+    assert recorded_settings(preset("default"))["candidate_pool"] == 0.0  # no plan, no pool
+    assert label(planned) == "clnp default plan_tasks=10 10 tasks"
+    assert label(planned | {"candidate_pool": 3.0}) == "clnp default plan_tasks=10 candidate_pool=3.0 10 tasks"
+
+    def from_before(config: dict) -> dict:  # a record written before candidate_pool existed
+        d = {"schema_version": seq.SCHEMA_VERSION, "method": "clnp", "preset": "default", "network": "mlp:784-2000-2000",
+             "tasks_planned": 10, "seed": 0, "limit": None, "machine": {},
+             "config": {k: v for k, v in config.items() if k != "candidate_pool"}}
+        return seq.RunRecord.from_dict(d).config
+
+    assert from_before(planned)["candidate_pool"] == 0.0
+    assert label(from_before(planned)) == "clnp default plan_tasks=10 candidate_pool=0.0 10 tasks"
+    assert label(from_before(recorded_settings(preset("default")))) == "clnp default 10 tasks"
 
 
 def test_report_groups_seeds_and_writes_plots(tmp_path, data_dir):

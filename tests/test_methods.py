@@ -157,8 +157,10 @@ def test_a_candidate_pool_lets_a_plan_s_last_tasks_choose_from_more_units_than_a
     checks it), and the CLNP invariants hold. Without a plan there is no share to size a pool from: refused
     before any data is read."""
     config = preset("default", **dict(FAST, epochs=1, recovery_epochs=0.5, finetune_epochs=1), plan_tasks=3)
+    assert config.pool() == 2.0 and replace(config, candidate_pool=0).pool() == 0 == replace(config, plan_tasks=0).pool()
     pooled, plain = tmp_path / "pooled", tmp_path / "plain"
-    add_task(plain, "a", "permuted-mnist:1", network=NETWORK, config=config, limit=500, data_dir=str(data_dir))
+    add_task(plain, "a", "permuted-mnist:1", network=NETWORK, config=replace(config, candidate_pool=0), limit=500,
+             data_dir=str(data_dir))
     outcomes = []
     for name, source in (("a", "permuted-mnist:1"), ("b", "permuted-mnist:2"), ("c", "permuted-mnist:3")):
         result = add_task(pooled, name, source, network=NETWORK, config=replace(config, candidate_pool=2.5),

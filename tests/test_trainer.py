@@ -527,6 +527,18 @@ def test_candidate_pool_option_is_checked_in_one_line_and_the_summary_says_what_
     assert "layer1: kept    16 units" in res.output and "plan: task 2 of 2; the plan is complete" in res.output
     net, owners = load_network(ModelRepository.open(root), ModelRepository.open(root).read_manifest(2))
     assert [l.units for l in net.spec.layers] == [32, 32] and all(bool((o != FREE).all()) for o in owners)
+    # a plan brings a pool of 2 unless told otherwise; 0 learns the last task in the units left, as before the pool
+    for pool, chose in (([], {"layer1": 32, "layer2": 32}), (["--candidate-pool", "0"], {})):
+        other = ["-r", str(tmp_path / f"repo-{len(pool)}"), *args[2:]]
+        res = CliRunner().invoke(cli, ["add-task", "-t", "a", "-d", "permuted-mnist:1", *other, "--plan-tasks", "2",
+                                       *pool])
+        assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(cli, ["add-task", "-t", "b", "-d", "permuted-mnist:2", *other, *pool, "--json"])
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.output)
+        assert out["candidate_pool"] == chose and out["units_kept"] == {"layer1": 16, "layer2": 16}
+        manifest = ModelRepository.open(tmp_path / f"repo-{len(pool)}").read_manifest()
+        assert manifest.tasks[-1].training["config"]["candidate_pool"] == (0.0 if pool else 2.0)  # what it learned with
 
 
 def test_add_task_warns_when_a_task_keeps_most_of_a_layer_and_says_what_a_cap_cost(tmp_path, data_dir):

@@ -15,7 +15,7 @@ import click
 
 from serving.contract import plan_share
 from trainer.clnp import (FINETUNE_KEEP as _FINETUNE_KEEP, PRESETS as _PRESETS, REUSE_MEASURES as _REUSE_MEASURES,
-                          REUSE_INITS as _REUSE_INITS, TEACHERS as _TEACHERS, CLNPConfig)
+                          REUSE_INITS as _REUSE_INITS, TEACHERS as _TEACHERS, DEFAULT_CANDIDATE_POOL, CLNPConfig)
 from trainer.pruning import RANKS as _RANKS, SCHEDULES as _SCHEDULES, SCORES as _SCORES
 
 EXIT_FAILURE = 1
@@ -141,7 +141,7 @@ def cli(verbose: bool) -> None:
               help="Under a plan: the new task chooses its share from at least this many times as many candidate "
                    "units per layer. Where fewer are free (the last tasks of a plan), it trains in temporary units "
                    "beyond the layer's width, and the units it keeps move into free ones; the published network "
-                   f"keeps its shape. 0: the free units alone [default: {_DEFAULTS.candidate_pool:g}].")
+                   f"keeps its shape. 0: the free units alone [default: {DEFAULT_CANDIDATE_POOL:g} under a plan].")
 @click.option("--score", type=click.Choice(sorted(_SCORES)), default=None,
               help=f"How units are ranked for pruning [default: {_DEFAULTS.score}].")
 @click.option("--schedule", type=click.Choice(sorted(_SCHEDULES)), default=None,

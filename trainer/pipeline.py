@@ -31,7 +31,7 @@ from serving.repository import (
 from serving.objectstore import ObjectStoreRepository, create_repository, is_remote, open_repository
 from trainer import distributed
 from trainer.clnp import (CLNPConfig, ConfigError, TaskOutcome, accuracy, check_capacity, learn_task, new_owners,
-                          pool_extra, task_masks)
+                          pool_extra, recorded_settings, task_masks)
 from trainer.data import TaskData, load_source
 from serving.contract import INPUT_NAME, OUTPUT_NAME, TASK_INPUT_NAME
 from trainer.export import OPSET, check_parity, export_onnx, export_task_graph
@@ -253,7 +253,7 @@ def add_task(
             reused=dict(outcome.reused),
             created=created,
             training={
-                "config": asdict(config),
+                "config": recorded_settings(config),  # with the pool the task learned with, not None
                 "limit": limit,
                 "label_column": label_column,
                 "device": device,
