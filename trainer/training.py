@@ -89,8 +89,8 @@ def dropout_masks(masks: list[torch.Tensor], layers, rows: int, keep: float,
     (dropping whole filters hurts small conv layers).
 
     The draws compare uniform numbers with `keep`: the same Bernoulli(keep) as torch.bernoulli of a filled tensor,
-    at 0.6x its cost on CPU (2.4 against 4.1 ms for a batch of 256 on 2,000 units, one thread), which made a
-    bfloat16 epoch at that width 4-8% faster (benchmarks/results/training_speed.md)."""
+    at about 0.6x its cost on CPU, which makes a bfloat16 step at 2,000 units about 5% faster
+    (benchmarks/results/training_speed.md)."""
     return [(torch.rand((rows, len(m)), generator=generator) < keep).to(m.device, m.dtype) * (m / keep)
             if layer.kind == "dense" else m for m, layer in zip(masks, layers)]  # (B, units)
 
