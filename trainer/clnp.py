@@ -33,8 +33,9 @@ that a probe can start from a cached dense network and still run the method itse
 Under a plan with a candidate pool K (`config.pool()`: `candidate_pool`, by default 2 under a plan), a task whose
 share is more than 1/K of what is FREE (the last tasks of a plan; the very last one's share is all that is FREE)
 learns steps 1-6 in a wider copy of the network instead (`learn_in_pool`): temporary FREE units beyond each
-layer's width make the candidates up to K x its share, pruning keeps its share from all of them, and the units kept beyond the width take
-the FREE units it left (trainer.compact.widen and move_into). The published network keeps its shape.
+layer's width make the candidates up to K x its share, pruning keeps its share from all of them, and the units
+kept beyond the width take the FREE units it left (trainer.compact.widen and move_into). The published network
+keeps its shape.
 6. The reuse measure (`config.reuse_measure`), how many earlier units task t draws on per layer:
    - "connections": the earlier units that keep a connection into task t after step 5;
    - "signal": read-only, the fewest earlier units that carry all but `reuse_signal_tail` of the signal
@@ -187,7 +188,7 @@ class CLNPConfig:
         if self.plan_tasks and (self.min_units or self.max_units):
             raise ConfigError("plan_tasks sets how many units each task keeps; it cannot go with min_units or "
                               "max_units (drop --min-units and --max-units, or --plan-tasks)")
-        if self.candidate_pool is not None and self.candidate_pool and self.candidate_pool <= 1:
+        if self.candidate_pool and self.candidate_pool <= 1:  # None (the default) and 0 pass
             raise ConfigError(f"candidate_pool {self.candidate_pool} must be 0 (off) or above 1 (candidates per unit "
                               "a task keeps)")
         if not 0 < self.prune_fraction < 1 or not 0 < self.min_prune_fraction <= self.prune_fraction:
