@@ -36,6 +36,7 @@ from benchmarks.sequence import load_state, parse_settings, save_state  # noqa: 
 from serving.contract import FREE  # noqa: E402
 from trainer.clnp import CLNPConfig, ConfigError, recorded_settings  # noqa: E402
 from trainer.network import MaskedNetwork  # noqa: E402
+from trainer.training import DROPOUT_DRAWS  # noqa: E402
 
 
 def fork(src: Path, dst: Path, overrides: dict, at: int | None = None) -> dict:
@@ -55,6 +56,8 @@ def fork(src: Path, dst: Path, overrides: dict, at: int | None = None) -> dict:
         raise SystemExit(f"error: {e}")
     record.config = recorded_settings(config)
     changed = {k: v for k, v in record.config.items() if old.get(k) != v}
+    if record.dropout_draws != DROPOUT_DRAWS:  # later tasks draw dropout as the code does now
+        changed["dropout_draws"], record.dropout_draws = DROPOUT_DRAWS, DROPOUT_DRAWS
     record.notes.append(f"forked from {src.name} after task {len(record.tasks)}: later tasks use {changed}; "
                         f"tasks 1-{len(record.tasks)} were learned with the original settings")
     dst.mkdir(parents=True)

@@ -49,6 +49,7 @@ from trainer.clnp import (PRESETS, SETTINGS_BEFORE_THEY_EXISTED, CapacityExhaust
                           check_capacity, learn_task, new_owners, preset, recorded_settings, reuse_by_signal,
                           reuse_counts, task_masks, train_alone)
 from trainer.network import MaskedNetwork, parse_network_spec  # noqa: E402
+from trainer.training import DROPOUT_DRAWS  # noqa: E402
 from benchmarks.tasks import Task, load_task  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -108,9 +109,13 @@ class RunRecord:
     capacity_exhausted_at: int | None = None
     sessions: int = 0  # how many times `run` started on this folder
     notes: list[str] = field(default_factory=list)  # what happened to the run beside its tasks (machine changes)
+    # how dropout was drawn (trainer.training.DROPOUT_DRAWS): a run repeats bit for bit only with the same draws.
+    # Records made before 2026-12-07 say "bernoulli"; one without the key was made since.
+    dropout_draws: str = DROPOUT_DRAWS
 
     def settings(self) -> dict:
-        return {k: getattr(self, k) for k in ("method", "preset", "config", "network", "seed", "limit")}
+        return {k: getattr(self, k) for k in ("method", "preset", "config", "network", "seed", "limit",
+                                              "dropout_draws")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunRecord":

@@ -1,6 +1,6 @@
 """Summarise `benchmarks/sequence.py` run folders: one JSON, one markdown report, plots.
 
-Runs with the same settings but different seeds form a group (mean ± standard deviation over seeds).
+Runs with the same settings and dropout draws but different seeds form a group (mean ± standard deviation over seeds).
 Every run is also a row: tasks done, average test accuracy, zero-forgetting checks, the largest share a
 task took, how far pruning went below the task's own dense accuracy, and the wall time per task.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from benchmarks.sequence import RunRecord
 from serving.capacity import forecast_additional_tasks
+from trainer.training import DROPOUT_DRAWS
 
 PAPER = {"CLNP": 98.42, "CLNP std": 0.04, "single-task": 98.48}  # permuted MNIST, 10 tasks, 784-2000-2000
 # the accuracy target: this network, all training data, this many tasks on at least this many seeds, every task
@@ -62,7 +63,10 @@ def _label(r: RunRecord, with_seed: bool) -> str:
                 and (r.method == "clnp" or k in DENSE_FIELDS)]
 
     name = min(PRESETS, key=lambda n: (len(diff(n)), n != r.preset))
-    parts = [r.method, name, *diff(name)] + ([f"limit={r.limit}"] if r.limit else []) + [f"{r.tasks_planned} tasks"]
+    # dropout drawn another way than the code draws it now: the same settings, other random numbers
+    draws = [f"dropout_draws={r.dropout_draws}"] if r.dropout_draws != DROPOUT_DRAWS else []
+    parts = [r.method, name, *diff(name), *draws] + ([f"limit={r.limit}"] if r.limit else []) + \
+        [f"{r.tasks_planned} tasks"]
     if with_seed:
         parts.append(f"seed {r.seed}")
     return " ".join(parts)

@@ -80,6 +80,42 @@ def test_a_record_from_before_a_new_setting_resumes(tmp_path, data_dir):
     assert resumed.config["reuse_measure"] == "connections" != seq.CLNPConfig().reuse_measure
 
 
+def test_a_run_made_with_the_old_dropout_draws_is_its_own_group_and_does_not_resume(tmp_path, data_dir):
+    """Dropout drawn another way is the same setting with other random numbers: a record that says "bernoulli" is
+    named so, grouped apart from the runs made now, and not continued with today's draws; a fork continues it with
+    them and says so. A record without the key was made with today's draws."""
+    from safetensors.torch import save_file
+
+    from benchmarks.fork_run import fork
+    from benchmarks.sequence_report import _label
+    from trainer.training import DROPOUT_DRAWS
+
+    out, now_dir = tmp_path / "r", tmp_path / "now"
+    now = _run(now_dir, 1, data_dir)
+    assert now.dropout_draws == DROPOUT_DRAWS == "uniform"
+    record = json.loads((now_dir / "run.json").read_text())
+    assert record["dropout_draws"] == "uniform"
+    del record["dropout_draws"]
+    assert seq.RunRecord.from_dict(record).dropout_draws == "uniform"
+    old = record | {"dropout_draws": "bernoulli"}
+    out.mkdir()
+    save_file(load_file(str(now_dir / "state.safetensors")), str(out / "state.safetensors"),
+              metadata={"record": json.dumps(old)})
+    (out / "run.json").write_text(json.dumps(old))
+    assert _label(seq.RunRecord.from_dict(old), False) == _label(now, False).replace(
+        " limit=", " dropout_draws=bernoulli limit=")
+    res = seq.main(["report", str(out), str(now_dir), "--out", str(tmp_path / "rep")])
+    assert sorted(len(g["seeds"]) for g in res["groups"]) == [1, 1]  # one seed each: two groups, not one of two
+    with pytest.raises(SystemExit, match="other settings"):
+        _run(out, 2, data_dir)
+    assert json.loads((out / "run.json").read_text()) == old  # nothing written
+    changed = fork(out, tmp_path / "fork", {})
+    assert changed == {"dropout_draws": "uniform"}
+    forked = _run(tmp_path / "fork", 2, data_dir)
+    assert forked.dropout_draws == "uniform" and len(forked.tasks) == 2
+    assert any("dropout_draws" in n for n in forked.notes)
+
+
 def test_runs_are_named_by_the_nearest_preset():
     """A run keeps a readable name when the presets change: the preset its settings differ least from."""
     from benchmarks.sequence_report import _label

@@ -82,6 +82,11 @@ def mean_activations(net: MaskedNetwork, x: torch.Tensor, task: int, masks: list
     return [v / max(1, len(x)) for v in sums]
 
 
+# How `dropout_masks` draws, named so that a run record can say which draws made it: "uniform" since 2026-12-07,
+# "bernoulli" (torch.bernoulli of a filled tensor) before. The two are the same distribution, not the same numbers.
+DROPOUT_DRAWS = "uniform"
+
+
 def dropout_masks(masks: list[torch.Tensor], layers, rows: int, keep: float,
                   generator: torch.Generator) -> list[torch.Tensor]:
     """One training step's masks with (inverted) dropout: each dense layer's (units,) mask becomes (rows, units),
