@@ -355,7 +355,9 @@ def markdown(res: dict, plots: list[str]) -> str:
          f"Paper (784-2000-2000, 10 tasks): CLNP {PAPER['CLNP']} ± {PAPER['CLNP std']}, single-task {PAPER['single-task']}.",
          "", "## Groups (mean ± std over seeds of the average test accuracy after the last task)", "",
          "The last columns compare the seeds where all of them have been: the average over the first K tasks, "
-         "measured after task K, K being the fewest tasks any seed has done.", "",
+         "measured after task K, K being the fewest tasks any seed has done. `dropout_draws=bernoulli`: a run made "
+         "before 2026-12-07, when dropout was drawn with `torch.bernoulli`; the same settings with other random "
+         "numbers, so it is grouped apart from runs made since.", "",
          "| settings | seeds | tasks done | average test accuracy (%) | per seed | K | after task K (%) | per seed |",
          "|---|---|---|---:|---|---:|---:|---|"]
     for g in res["groups"]:
