@@ -539,6 +539,7 @@ def test_candidate_pool_option_is_checked_in_one_line_and_the_summary_says_what_
         assert out["candidate_pool"] == chose and out["units_kept"] == {"layer1": 16, "layer2": 16}
         manifest = ModelRepository.open(tmp_path / f"repo-{len(pool)}").read_manifest()
         assert manifest.tasks[-1].training["config"]["candidate_pool"] == (0.0 if pool else 2.0)  # what it learned with
+        assert manifest.tasks[-1].training["dropout_draws"] == "uniform"
 
 
 def test_add_task_warns_when_a_task_keeps_most_of_a_layer_and_says_what_a_cap_cost(tmp_path, data_dir):

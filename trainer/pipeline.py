@@ -36,6 +36,7 @@ from trainer.data import TaskData, load_source
 from serving.contract import INPUT_NAME, OUTPUT_NAME, TASK_INPUT_NAME
 from trainer.export import OPSET, check_parity, export_onnx, export_task_graph
 from trainer.network import MaskedNetwork, NetworkSpec, parse_network_spec
+from trainer.training import DROPOUT_DRAWS
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +255,7 @@ def add_task(
             created=created,
             training={
                 "config": recorded_settings(config),  # with the pool the task learned with, not None
+                "dropout_draws": DROPOUT_DRAWS,  # a rerun repeats the task bit for bit only with the same draws
                 "limit": limit,
                 "label_column": label_column,
                 "device": device,
