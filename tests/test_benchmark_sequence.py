@@ -262,6 +262,43 @@ def test_target_check_says_what_keeps_a_setting_from_the_target():
     assert c["missing"] == ["seeds with all 10 tasks: 1 of 3", "a zero-forgetting check was not bit-identical"]
 
 
+def test_target_check_pools_a_setting_measured_with_both_dropout_draws():
+    """A setting with runs of both dropout draws gets its two rows and one over all its runs; a seed with a run of
+    each counts once towards the seeds, and settings measured with one draw only get no pooled row."""
+    from benchmarks.sequence_report import TARGET, RunSummary, target_check
+
+    def run(folder, seed, avg):
+        return RunSummary(folder=folder, label="", group="", method="clnp", seed=seed, tasks_done=10,
+                          tasks_planned=10, all_fit=True, average_test_accuracy=avg,
+                          zero_forgetting_checks=45, zero_forgetting_identical=45, max_units_per_task={},
+                          worst_drop_from_dense=0.0, max_drop=0.4, reuse_max_drop=0.0, seconds_per_task=1.0,
+                          free_after_last={})
+
+    def pair(folder, group, seed, diff, tasks=10):
+        return {"folder": folder, "group": group, "seed": seed, "tasks": tasks, "difference": diff,
+                "validation_difference": diff, "units_per_task": 200.0, "limit": None, "network": TARGET["network"]}
+
+    old, new = "clnp fast plan_tasks=10 dropout_draws=bernoulli 10 tasks", "clnp fast plan_tasks=10 10 tasks"
+    runs = [run("b0", 0, 98.52), run("b1", 1, 98.61), run("b2", 2, 98.60),
+            run("u0", 0, 98.56), run("u1", 1, 98.64), run("o0", 0, 98.7)]
+    pairs = [pair("b0", old, 0, -0.14), pair("b1", old, 1, -0.07), pair("b2", old, 2, -0.10),
+             pair("u0", new, 0, -0.06), pair("u1", new, 1, -0.50, tasks=6),
+             pair("o0", "clnp other 10 tasks", 0, 0.0)]
+    rows = {r["group"]: r for r in target_check(pairs, runs)}
+    both = "clnp fast plan_tasks=10 10 tasks (both dropout draws)"
+    assert set(rows) == {old, new, both, "clnp other 10 tasks"}
+    assert not rows[old]["met"] and rows[old]["missing"] == ["difference -0.103 < -0.1"]
+    # the run under way is listed but its 6 tasks do not enter the means while a seed has all 10
+    assert rows[new]["missing"] == ["seeds with all 10 tasks: 1 of 3"] and rows[new]["counted"] == ["u0"]
+    assert rows[new]["difference"] == pytest.approx(-0.06) and rows[new]["average"] == pytest.approx(98.56)
+    p = rows[both]
+    assert p["seeds"] == [0, 0, 1, 1, 2] and p["tasks"] == [10, 10, 10, 6, 10]
+    assert p["counted"] == ["b0", "u0", "b1", "b2"]
+    assert p["difference"] == pytest.approx(-0.37 / 4)  # with the run under way it would be -0.174
+    assert p["average"] == pytest.approx((98.52 + 98.61 + 98.60 + 98.56) / 4)
+    assert p["met"] and p["missing"] == []  # seeds 0, 1 and 2 each whole in one of the draws
+
+
 def test_units_fit_recovers_a_known_slope_and_leaves_out_what_it_should(tmp_path):
     """The fit of a task's difference on its place and log2 of its units recovers the coefficients it was built
     from; runs with connection pruning, on part of the data or on another network do not enter it; the plot is drawn."""
