@@ -227,9 +227,11 @@ def run(args) -> RunRecord:
     here = machine(args.device)
     if probes and any(record.machine.get(k) != here.get(k) for k in FLOAT_IDENTITY):
         probes, moved = rebase_probes(net, owners, probes)
-        note = (f"session {record.sessions + 1}: resumed on another machine ({describe(record.machine)} -> "
+        note = (f"session {record.sessions + 1}: resumed on another machine or thread count "
+                f"({describe(record.machine)} -> "
                 f"{describe(here)}); the zero-forgetting probes were recomputed from the saved state here, "
-                f"{moved} of {len(probes)} differed in float round-off (another machine's kernels), not in weights")
+                f"{moved} of {len(probes)} differed in float round-off (another machine's kernels or thread count), "
+                "not in weights")
         record.notes.append(note)
         log(note)
     record.sessions += 1
@@ -304,12 +306,14 @@ def on_device(task: Task, device: str) -> Task:
 
 
 # What decides a CPU forward pass's round-off: the zero-forgetting probes compare bits, so they are only
-# compared on the machine (and torch build) that computed them.
-FLOAT_IDENTITY = ("platform", "processor", "torch")
+# compared on the machine, torch build and thread count that computed them (a matrix product splits its sums
+# by thread: a run resumed at 2 threads read 9 probes made at 1 thread as changed, though its saved weights
+# answer them bit for bit at 1 thread).
+FLOAT_IDENTITY = ("platform", "processor", "torch", "torch_threads")
 
 
 def describe(m: dict) -> str:
-    return f"{m.get('processor')}, {m.get('cpu_count')} cores, torch {m.get('torch')}"
+    return f"{m.get('processor')}, {m.get('cpu_count')} cores, torch {m.get('torch')}, {m.get('torch_threads')} threads"
 
 
 @torch.no_grad()
