@@ -359,6 +359,27 @@ def test_resume_on_another_machine_recomputes_the_probes(tmp_path, data_dir):
     assert [z["identical"] for z in again.zero_forgetting if z["after_task"] == 2] == [False, True]
 
 
+def test_resume_at_another_thread_count_recomputes_the_probes(tmp_path, data_dir):
+    """A matrix product splits its sums by thread, so a run resumed at another thread count recomputes its probes
+    from the saved state (and says so) instead of comparing its outputs with references made at the old count."""
+    import torch
+
+    before = torch.get_num_threads()
+    out = tmp_path / "r"
+    try:
+        _run(out, 1, data_dir, "--threads", "1")
+        record, net, owners, probes = seq.load_state(out, "mlp:784-48-48")
+        x, ref = probes[0]
+        probes[0] = (x, ref + 1e-6)  # what one thread answered, where two threads round otherwise
+        seq.save_state(out, record, net, owners, probes)
+        resumed = _run(out, 2, data_dir, "--threads", "2")
+    finally:
+        torch.set_num_threads(before)
+    assert resumed.machine["torch_threads"] == 2
+    assert len(resumed.notes) == 1 and "1 of 1 differed" in resumed.notes[0] and "1 threads -> " in resumed.notes[0]
+    assert [(z["task"], z["after_task"], z["identical"]) for z in resumed.zero_forgetting] == [(0, 1, True)]
+
+
 def test_forecast_check_replays_the_current_rule_on_a_recorded_run():
     """The lifetime run's record: the forecast it recorded after task 10, and the current rule from the same tasks."""
     from benchmarks.sequence_report import forecast_check
