@@ -49,6 +49,10 @@ class RunSummary:
 DENSE_FIELDS = ("epochs", "learning_rate", "lr_schedule", "lr_decay", "batch_size", "dropout")  # what `single` uses
 
 
+# how a label names dropout drawn another way than the code draws it now (target_check reads it back)
+DRAWS_IN_LABEL = "dropout_draws="
+
+
 def _label(r: RunRecord, with_seed: bool) -> str:
     """Method, the preset that names the run's settings most briefly as the presets are now (the one it ran with on
     a tie), and every setting that differs from that preset."""
@@ -65,7 +69,7 @@ def _label(r: RunRecord, with_seed: bool) -> str:
 
     name = min(PRESETS, key=lambda n: (len(diff(n)), n != r.preset))
     # dropout drawn another way than the code draws it now: the same settings, other random numbers
-    draws = [f"dropout_draws={r.dropout_draws}"] if r.dropout_draws != DROPOUT_DRAWS else []
+    draws = [f"{DRAWS_IN_LABEL}{r.dropout_draws}"] if r.dropout_draws != DROPOUT_DRAWS else []
     parts = [r.method, name, *diff(name), *draws] + ([f"limit={r.limit}"] if r.limit else []) + \
         [f"{r.tasks_planned} tasks"]
     if with_seed:
@@ -280,7 +284,7 @@ def target_check(pairs: list[dict], runs: list[RunSummary]) -> list[dict]:
             groups.setdefault(p["group"], []).append(p)
     # The same settings measured with both ways of drawing dropout (the same Bernoulli masks from other random
     # numbers, `dropout_draws` in the label of the older runs) are also checked as one measurement of more runs.
-    draws_token = re.compile(r" dropout_draws=\S+")
+    draws_token = re.compile(rf" {re.escape(DRAWS_IN_LABEL)}\S+")
     by_setting: dict[str, list[str]] = {}
     for g in groups:
         by_setting.setdefault(draws_token.sub("", g), []).append(g)
@@ -447,8 +451,8 @@ def markdown(res: dict, plots: list[str]) -> str:
                   f"{t['difference']})", "",
                   "Means over the settings' seeds that learned all the tasks (over all its seeds while none has): the "
                   "difference is each seed's, task by task, averaged over seeds (± standard deviation over seeds); "
-                  "a seed still under way shows its own figure so far in the seeds column. A setting met the target when nothing is missing. A setting measured "
-                  "with both ways of drawing dropout has a row for each and one for the runs of both together "
+                  "a seed still under way shows its own figure so far in the seeds column. A setting met the target "
+                  "when nothing is missing. A setting measured with both ways of drawing dropout has a row for each and one for the runs of both together "
                   "(`(both dropout draws)`: the same settings, so more runs of one measurement; a seed with two "
                   "runs is listed twice, each run enters the means, and the seed counts once towards the seeds the "
                   "target asks for).", "",

@@ -337,23 +337,26 @@ def test_units_fit_recovers_a_known_slope_and_leaves_out_what_it_should(tmp_path
     assert (tmp_path / "sequence_units.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _stale_probe(out, **machine) -> None:
+    """Task 1's probe in a run's saved state as another machine or thread count answered it (off in round-off),
+    with the record's machine changed by `machine`."""
+    record, net, owners, probes = seq.load_state(out, "mlp:784-48-48")
+    record.machine = dict(record.machine, **machine)
+    x, ref = probes[0]
+    probes[0] = (x, ref + 1e-6)
+    seq.save_state(out, record, net, owners, probes)
+
+
 def test_resume_on_another_machine_recomputes_the_probes(tmp_path, data_dir):
     """Another CPU rounds the same weights differently: the probes are recomputed there, and the run says so."""
     out = tmp_path / "r"
     _run(out, 1, data_dir)
-    record, net, owners, probes = seq.load_state(out, "mlp:784-48-48")
-    record.machine = dict(record.machine, torch="0.0-elsewhere")
-    x, ref = probes[0]
-    probes[0] = (x, ref + 1e-6)  # what the other machine's kernels answered for the same weights
-    seq.save_state(out, record, net, owners, probes)
+    _stale_probe(out, torch="0.0-elsewhere")  # what the other machine's kernels answered for the same weights
     resumed = _run(out, 2, data_dir)
     assert len(resumed.notes) == 1 and "1 of 1 differed" in resumed.notes[0] and "0.0-elsewhere" in resumed.notes[0]
     assert [(z["task"], z["after_task"], z["identical"]) for z in resumed.zero_forgetting] == [(0, 1, True)]
     # on the same machine nothing is recomputed: a stale probe would fail the check
-    record, net, owners, probes = seq.load_state(out, "mlp:784-48-48")
-    x, ref = probes[0]
-    probes[0] = (x, ref + 1e-6)
-    seq.save_state(out, record, net, owners, probes)
+    _stale_probe(out)
     again = _run(out, 3, data_dir)
     assert len(again.notes) == 1
     assert [z["identical"] for z in again.zero_forgetting if z["after_task"] == 2] == [False, True]
@@ -368,10 +371,7 @@ def test_resume_at_another_thread_count_recomputes_the_probes(tmp_path, data_dir
     out = tmp_path / "r"
     try:
         _run(out, 1, data_dir, "--threads", "1")
-        record, net, owners, probes = seq.load_state(out, "mlp:784-48-48")
-        x, ref = probes[0]
-        probes[0] = (x, ref + 1e-6)  # what one thread answered, where two threads round otherwise
-        seq.save_state(out, record, net, owners, probes)
+        _stale_probe(out)  # what one thread answered, where two threads round otherwise
         resumed = _run(out, 2, data_dir, "--threads", "2")
     finally:
         torch.set_num_threads(before)
